@@ -1,0 +1,10 @@
+"""SIMU Studio core library: selective second-order unlearning of language models.
+
+Plain library with no Streamlit import; the app (`app.py`, `pages/`) and the CLI
+(`python -m simu_core`) are thin layers over it.
+"""
+
+from simu_core.errors import SimuError
+
+__version__ = "0.1.0"
+__all__ = ["SimuError", "__version__"]
