@@ -285,7 +285,9 @@ def train_lm(
     epoch_losses = []
     for epoch in range(cfg.epochs):
         losses = []
-        for batch in qa.iter_batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=seed * 1000 + epoch, bucket=8):
+        for batch in qa.iter_batches(
+            examples, cfg.batch_size, pad_id, shuffle=True, seed=seed * 1000 + epoch, bucket=8
+        ):
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

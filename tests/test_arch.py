@@ -10,14 +10,43 @@ from simu_core.errors import SimuError
 D, D_FF, LAYERS = 32, 48, 2
 
 TINY_CONFIGS = {
-    "llama": lambda: tf.LlamaConfig(hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64),
-    "mistral": lambda: tf.MistralConfig(hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
-    "qwen2": lambda: tf.Qwen2Config(hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
-    "olmo": lambda: tf.OlmoConfig(hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64),
+    "llama": lambda: tf.LlamaConfig(
+        hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64
+    ),
+    "mistral": lambda: tf.MistralConfig(
+        hidden_size=D,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    ),
+    "qwen2": lambda: tf.Qwen2Config(
+        hidden_size=D,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    ),
+    "olmo": lambda: tf.OlmoConfig(
+        hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64
+    ),
     "gpt2": lambda: tf.GPT2Config(n_embd=D, n_inner=D_FF, n_layer=LAYERS, n_head=4, vocab_size=64, n_positions=32),
-    "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64),
-    "opt": lambda: tf.OPTConfig(hidden_size=D, ffn_dim=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64, word_embed_proj_dim=D),
-    "phi": lambda: tf.PhiConfig(hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(
+        hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64
+    ),
+    "opt": lambda: tf.OPTConfig(
+        hidden_size=D,
+        ffn_dim=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        vocab_size=64,
+        word_embed_proj_dim=D,
+    ),
+    "phi": lambda: tf.PhiConfig(
+        hidden_size=D, intermediate_size=D_FF, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=64
+    ),
 }
 
 

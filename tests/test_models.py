@@ -51,7 +51,9 @@ def test_greedy_answers_reproduce_memorised_facts(full_model, builtin_dir):
     from simu_core.data import load_data
 
     items = load_data("builtin:forget10", root=builtin_dir).items[:8]
-    answers = models.greedy_answers(full_model.model, full_model.tokenizer, full_model.fmt, [it["question"] for it in items])
+    answers = models.greedy_answers(
+        full_model.model, full_model.tokenizer, full_model.fmt, [it["question"] for it in items]
+    )
     assert models.exact_match(answers, [it["answer"] for it in items]) >= 0.75
 
 
