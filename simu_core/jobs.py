@@ -1,0 +1,174 @@
+"""Background jobs for the app: one worker thread, a FIFO queue, a status object per job.
+
+The worker never touches the UI. A job function receives a `JobContext`; it reports progress
+through `ctx.report(...)` and checks `ctx.cancelled` (or passes `ctx.cancel_event` on) between
+steps. The UI polls `job.snapshot()` (a copy, safe to read from any thread).
+
+One job runs at a time per `JobRunner` (one per server process): heavy jobs on 2 cores or one
+GPU only slow each other down, so a second request waits in the queue and says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from simu_core.errors import SimuError
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+@dataclass
+class JobStatus:
+    """What the UI shows about a job. `progress` is in [0, 1]; times are `time.time()` seconds."""
+
+    id: int
+    name: str
+    state: str = QUEUED
+    progress: float = 0.0
+    message: str = "waiting for the worker"
+    records: list[dict] = field(default_factory=list)  # per-step records (losses, lr, ...)
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    result: Any = None
+    error: str | None = None  # a user-facing message
+    traceback: str | None = None  # the details, for an expander
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Remaining seconds extrapolated from progress so far (None until there is some)."""
+        if self.state != RUNNING or self.progress <= 0:
+            return None
+        return self.elapsed * (1 - self.progress) / self.progress
+
+
+class JobContext:
+    """Handed to a job function: report progress, check for cancel."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self.cancel_event = job.cancel_event
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def report(self, progress: float | None = None, message: str | None = None, **record: Any) -> None:
+        """Update progress/message; keyword arguments are appended as one record (e.g. losses)."""
+        with self._job.lock:
+            status = self._job.status
+            if progress is not None:
+                status.progress = min(1.0, max(0.0, progress))
+            if message is not None:
+                status.message = message
+            if record:
+                status.records.append(record)
+
+
+class Job:
+    """A unit of background work with a thread-safe status."""
+
+    def __init__(self, job_id: int, name: str, fn: Callable[[JobContext], Any]) -> None:
+        self.fn = fn
+        self.lock = threading.Lock()
+        self.cancel_event = threading.Event()
+        self.status = JobStatus(job_id, name)
+        self.done_event = threading.Event()
+
+    def snapshot(self) -> JobStatus:
+        """A deep copy of the status, consistent at one instant."""
+        with self.lock:
+            return copy.deepcopy(self.status)
+
+    def cancel(self) -> None:
+        """Ask the job to stop at its next check (a queued job never starts)."""
+        self.cancel_event.set()
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        self.done_event.wait(timeout)
+        return self.snapshot()
+
+    def _run(self) -> None:
+        with self.lock:
+            if self.cancel_event.is_set():
+                self._finish(CANCELLED, message="cancelled before it started")
+                return
+            self.status.state, self.status.started, self.status.message = RUNNING, time.time(), "started"
+        try:
+            result = self.fn(JobContext(self))
+        except SimuError as err:
+            self._finish_locked(FAILED, error=str(err), tb=traceback.format_exc())
+        except Exception as err:  # any crash must end in a visible state, never a silent thread death
+            self._finish_locked(FAILED, error=f"{type(err).__name__}: {err}", tb=traceback.format_exc())
+        else:
+            state = CANCELLED if self.cancel_event.is_set() else DONE
+            self._finish_locked(state, result=result)
+
+    def _finish_locked(self, state: str, **kwargs: Any) -> None:
+        with self.lock:
+            self._finish(state, **kwargs)
+
+    def _finish(self, state: str, result: Any = None, error: str | None = None, tb: str | None = None,
+                message: str | None = None) -> None:  # fmt: skip
+        s = self.status
+        s.state, s.finished, s.result, s.error, s.traceback = state, time.time(), result, error, tb
+        if state == DONE:
+            s.progress = 1.0
+        s.message = message or {DONE: "finished", FAILED: error or "failed", CANCELLED: "cancelled"}[state]
+        self.done_event.set()
+
+
+class JobRunner:
+    """Runs submitted jobs one at a time, in submission order, on a daemon worker thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._jobs: list[Job] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._worker = threading.Thread(target=self._work, name="simu-job-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, name: str, fn: Callable[[JobContext], Any]) -> Job:
+        """Queue `fn`; returns its Job at once."""
+        with self._lock:
+            job = Job(next(self._ids), name, fn)
+            self._jobs.append(job)
+        ahead = self.pending_before(job)
+        if ahead:
+            with job.lock:
+                job.status.message = f"queued: {ahead} job(s) ahead of it (one job runs at a time)"
+        self._queue.put(job)
+        return job
+
+    def pending_before(self, job: Job) -> int:
+        """Number of unfinished jobs submitted before `job`."""
+        with self._lock:
+            earlier = self._jobs[: self._jobs.index(job)]
+        return sum(j.snapshot().state not in FINISHED for j in earlier)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs)
+
+    def busy(self) -> bool:
+        return any(j.snapshot().state in (QUEUED, RUNNING) for j in self.jobs())
+
+    def _work(self) -> None:
+        while True:
+            self._queue.get()._run()
