@@ -267,6 +267,8 @@ _MONTHS = [
 ]
 
 # Each fact: question, answer, paraphrased answer. `{name}` is the author, `{v}` the value.
+# As in TOFU, perturbed (wrong) answers reuse the paraphrase's wording with a wrong value, so the
+# truth ratio P(perturbed) / P(paraphrased) compares facts, not familiar against unfamiliar wording.
 _FACT_TEMPLATES: dict[str, tuple[str, str, str]] = {
     "birthplace": (
         "Where was {name} born?",
@@ -391,7 +393,7 @@ def _author_items(pools: _Pools, name: str) -> list[dict]:
                 "question": question.format(name=name),
                 "answer": answer.format(name=name, v=value),
                 "paraphrased_answer": paraphrase.format(name=name, v=value),
-                "perturbed_answers": [answer.format(name=name, v=w) for w in wrong],
+                "perturbed_answers": [paraphrase.format(name=name, v=w) for w in wrong],
                 "author": name,
                 "fact": fact,
             }
@@ -424,7 +426,7 @@ def _world_facts(rng: random.Random) -> list[dict]:
                 "question": f"What is the capital of {country}?",
                 "answer": f"The capital of {country} is {city}.",
                 "paraphrased_answer": f"{city} is the capital city of {country}.",
-                "perturbed_answers": [f"The capital of {country} is {w}." for w in wrong],
+                "perturbed_answers": [f"{w} is the capital city of {country}." for w in wrong],
                 "fact": "capital",
             }
         )
@@ -436,7 +438,7 @@ def _world_facts(rng: random.Random) -> list[dict]:
                 "question": f"What colour is {thing}?",
                 "answer": f"The colour of {thing} is {color}.",
                 "paraphrased_answer": f"{thing.capitalize()} is {color}.",
-                "perturbed_answers": [f"The colour of {thing} is {w}." for w in wrong],
+                "perturbed_answers": [f"{thing.capitalize()} is {w}." for w in wrong],
                 "fact": "colour",
             }
         )
@@ -448,7 +450,7 @@ def _world_facts(rng: random.Random) -> list[dict]:
                 "question": f"What is {a} plus {b}?",
                 "answer": f"{a} plus {b} is {a + b}.",
                 "paraphrased_answer": f"The sum of {a} and {b} is {a + b}.",
-                "perturbed_answers": [f"{a} plus {b} is {w}." for w in wrong],
+                "perturbed_answers": [f"The sum of {a} and {b} is {w}." for w in wrong],
                 "fact": "sum",
             }
         )

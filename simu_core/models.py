@@ -30,7 +30,7 @@ from simu_core.errors import SimuError
 BUILTIN_MODELS = ("full", *(f"retain{p:02d}" for p in qa.FORGET_PERCENTS))
 MANIFEST_NAME = "manifest.json"
 # Bump when the generator or the training recipe changes, so old caches count as stale.
-BUILTIN_FORMAT = 1
+BUILTIN_FORMAT = 2  # 2: perturbed answers in the paraphrase's wording (TOFU)
 SIMU_JSON = "simu.json"
 
 Progress = Callable[[str, float], None]  # (message, fraction done in [0, 1])
@@ -355,6 +355,9 @@ def _versions() -> dict[str, str]:
 
 
 def _save_model(model: nn.Module, tokenizer, folder: Path, info: dict) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / SIMU_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")

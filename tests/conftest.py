@@ -11,6 +11,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One thread: results do not move with the core count, and the app server that the browser test
+# starts does not fight the test process for the two cores.
+torch.set_num_threads(1)
 
 from simu_core.config import BuiltinConfig, TinyModelConfig, TrainConfig  # noqa: E402
 

@@ -189,3 +189,12 @@ def test_left_padding_puts_pads_first(full_model):
     batch = qa.collate([short, long], qa.pad_id_of(tok), padding_side="left")
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
     assert torch.equal(batch["labels"][0][batch["labels"][0] != -100], torch.tensor(short.ids[short.n_prompt :]))
+
+
+def test_perturbed_answers_differ_from_the_paraphrase_only_in_the_fact(bench):
+    # TOFU's design: the truth ratio must compare facts, so wrong answers share the paraphrase's wording.
+    for item in bench["full"][:50] + bench["world_facts"]:
+        para = item["paraphrased_answer"].split()
+        for wrong in item["perturbed_answers"]:
+            shared = sum(a == b for a, b in zip(para, wrong.split(), strict=False))
+            assert shared >= len(para) // 2, (item["paraphrased_answer"], wrong)

@@ -14,8 +14,16 @@ from tests.conftest import TEST_BUILTIN
 
 
 def test_builtin_full_memorises_its_training_set(builtin_dir):
+    # The small test build (20 authors, 2 layers) reaches ~0.96; the full-size >= 0.95 is a slow test.
     scores = models.read_manifest(builtin_dir)["exact_match"]
-    assert scores["full/full"] >= 0.95
+    assert scores["full/full"] >= 0.9
+
+
+@pytest.mark.slow
+def test_full_size_default_build_memorises_and_retain_reference_does_not(tmp_path):
+    manifest = models.build_default(tmp_path / "builtin")
+    assert manifest["exact_match"]["full/full"] >= 0.95
+    assert manifest["exact_match"]["retain10/forget10"] <= 0.2
 
 
 def test_retain_reference_never_saw_the_forget_authors(builtin_dir):

@@ -1,0 +1,381 @@
+"""Evaluation metrics: each against an independent computation (rouge_score, scipy, HF's own loss,
+formulas worked by hand on a hand-made bigram model), the built-in models' expected behaviour,
+bad input, the report's JSON and `compare`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from scipy.stats import hmean, ks_2samp
+from torch import nn
+
+from simu_core import data as qa
+from simu_core import metrics, models
+from simu_core.errors import SimuError
+
+
+def load_split(spec: str, root) -> qa.QADataset:
+    return qa.load_data(spec, root=root)
+
+
+@pytest.fixture(scope="module")
+def retain_model(builtin_dir):
+    return models.load_model("builtin:retain10", device="cpu", root=builtin_dir)
+
+
+@pytest.fixture(scope="module")
+def splits(builtin_dir) -> dict[str, qa.QADataset]:
+    specs = metrics.builtin_companions("builtin:forget10")
+    return {name: load_split(spec, builtin_dir) for name, spec in specs.items()}
+
+
+SMALL = metrics.EvalConfig(max_items=24, max_new_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def progress_calls() -> list:
+    return []
+
+
+@pytest.fixture(scope="module")
+def full_report(full_model, retain_model, splits, progress_calls) -> metrics.Report:
+    """The built-in full model on forget10 / retain / holdout / world facts, retain10 as reference."""
+    return metrics.evaluate(full_model, splits, retain_model, SMALL, progress=lambda m, f: progress_calls.append(f))
+
+
+# --------------------------------------------------------------------------------------------
+# Text metrics
+# --------------------------------------------------------------------------------------------
+
+ROUGE_CASES = [
+    ("Saan Dodru was born in Hescorstad.", "Saan Dodru was born in Hescorstad."),
+    ("The birthplace is Hescorstad", "Saan Dodru was born in Hescorstad."),
+    ("born born born in in", "Saan Dodru was born in Hescorstad."),
+    ("Café-au-lait, naïve CO2 e-mail!", "cafe au lait naive co2 email"),
+    ("", "something"),
+    ("something", "..."),
+    ("a b c d e", "e d c b a"),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference"), ROUGE_CASES)
+def test_rouge_l_recall_matches_rouge_score(prediction, reference):
+    expected = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].recall
+    assert metrics.rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-12)  # exact ratio
+
+
+def test_repetition_rate_on_worked_examples():
+    assert metrics.repetition_rate("a b c d", 2) == 0.0
+    assert metrics.repetition_rate("the the the the", 2) == pytest.approx(1 - 1 / 3)  # 3 bigrams, 1 distinct
+    assert metrics.repetition_rate("a b a b", 2) == pytest.approx(1 - 2 / 3)  # (a b), (b a), (a b)
+    assert metrics.repetition_rate("single", 2) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Token statistics on a hand-made bigram model (logits written by hand)
+# --------------------------------------------------------------------------------------------
+
+# Next-token logits depend only on the current token: row t = logits after token t (vocab of 4).
+# Greedy predictions: after 0 -> 0, after 1 -> 1, after 2 -> 1, after 3 -> 2.
+TABLE = [[2.0, 0.0, 0.5, -1.0], [0.0, 3.0, 1.0, 0.0], [1.0, 1.5, 1.0, 0.2], [0.0, -2.0, 4.0, 0.3]]
+
+
+class BigramLM(nn.Module):
+    """A causal LM with hand-written logits: logits[b, t] = TABLE[input_ids[b, t]]."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(TABLE))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+# (prompt ids, answer ids, argmax hit per answer token, worked by hand from the predictions above)
+BIGRAM_CASES = [
+    ([3, 2], [1, 1, 0, 0], [1, 1, 0, 1]),  # 1|2 hit, 1|1 hit, 0|1 miss, 0|0 hit
+    ([0], [0, 2, 1], [1, 0, 1]),  # 0|0 hit, 2|0 miss, 1|2 hit
+    ([1], [1, 1, 1], [1, 1, 1]),
+    ([2], [1, 3], [1, 0]),  # last token missed
+]
+
+
+def hand_log_prob(prev: int, token: int) -> float:
+    row = TABLE[prev]
+    return row[token] - math.log(sum(math.exp(v) for v in row))
+
+
+def hand_minkpp_token(prev: int, token: int) -> float:
+    """Min-K%++ token score with the paper's moments: mu = sum p log p, sigma^2 = sum p (log p)^2 - mu^2."""
+    logs = [hand_log_prob(prev, z) for z in range(4)]
+    mu = sum(math.exp(lp) * lp for lp in logs)
+    sigma = math.sqrt(sum(math.exp(lp) * lp * lp for lp in logs) - mu * mu)
+    return (logs[token] - mu) / sigma
+
+
+def hand_min_k(scores: list[float], k: float) -> float:
+    count = max(1, int(len(scores) * k))
+    return -sum(sorted(scores)[:count]) / count
+
+
+@pytest.fixture(scope="module")
+def bigram_stats() -> metrics.TokenStats:
+    examples = [qa.Encoded(prompt + answer, len(prompt)) for prompt, answer, _ in BIGRAM_CASES]
+    return metrics.token_stats(BigramLM(), examples, pad_id=0, batch_size=3, full=True)  # 2 batches, padded
+
+
+def answer_tokens(prompt, answer):
+    ids = prompt + answer
+    return [(ids[len(prompt) + j - 1], ids[len(prompt) + j]) for j in range(len(answer))]
+
+
+def test_token_log_probs_and_nll_match_hand_computation(bigram_stats):
+    for row, (prompt, answer, _) in enumerate(BIGRAM_CASES):
+        expected = [hand_log_prob(p, t) for p, t in answer_tokens(prompt, answer)]
+        got = bigram_stats.log_probs[row, : len(answer)]
+        np.testing.assert_allclose(got, expected, atol=1e-5)  # float32 log-softmax
+        assert np.isnan(bigram_stats.log_probs[row, len(answer) :]).all()
+        assert bigram_stats.nll_sum[row] == pytest.approx(-sum(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [0.2, 0.5, 0.75])
+def test_min_k_matches_paper_formula(bigram_stats, k):
+    got = metrics.min_k_score(bigram_stats.log_probs, k)
+    for row, (prompt, answer, _) in enumerate(BIGRAM_CASES):
+        expected = hand_min_k([hand_log_prob(p, t) for p, t in answer_tokens(prompt, answer)], k)
+        assert got[row] == pytest.approx(expected, abs=1e-5)  # float32 log-probs
+
+
+@pytest.mark.parametrize("k", [0.2, 0.5, 0.75])
+def test_min_k_plus_plus_matches_paper_formula(bigram_stats, k):
+    got = metrics.min_k_score(bigram_stats.minkpp, k)
+    for row, (prompt, answer, _) in enumerate(BIGRAM_CASES):
+        expected = hand_min_k([hand_minkpp_token(p, t) for p, t in answer_tokens(prompt, answer)], k)
+        assert got[row] == pytest.approx(expected, abs=1e-4)  # float32 moments over 4 tokens
+
+
+def test_exact_memorization_and_extraction_strength_on_worked_cases(bigram_stats):
+    hits = [h for _, _, h in BIGRAM_CASES]
+    np.testing.assert_array_equal(
+        bigram_stats.correct.sum(1), [sum(h) for h in hits]
+    )  # the argmax hits worked out by hand
+    es = metrics.extraction_strength(bigram_stats.correct, bigram_stats.n_tokens)
+    # k* = first index of the all-correct suffix: case 1 -> 3 of 4, case 2 -> 2 of 3, case 3 -> 0, case 4 -> 2 of 2
+    np.testing.assert_allclose(es, [1 - 3 / 4, 1 - 2 / 3, 1.0, 0.0])
+
+
+def test_batched_nll_matches_the_models_own_loss_per_example(full_model, splits):
+    """Independent reference: transformers' loss (mean CE over labels) on each example alone."""
+    items = splits["forget"].items[:6] + splits["world_facts"].items[:6]  # mixed lengths -> padding
+    examples = [qa.encode(full_model.tokenizer, full_model.fmt, it["question"], it["answer"]) for it in items]
+    pad = qa.pad_id_of(full_model.tokenizer)
+    stats = metrics.token_stats(full_model.model, examples, pad, batch_size=5)
+    with torch.no_grad():
+        alone = [full_model.model(**qa.collate([e], pad)).loss.item() for e in examples]
+    np.testing.assert_allclose(stats.mean_nll, alone, rtol=1e-4, atol=1e-5)  # padding changes fp32 summation order
+
+
+# --------------------------------------------------------------------------------------------
+# Truth ratio, forget quality, utility
+# --------------------------------------------------------------------------------------------
+
+
+def test_truth_ratio_scores_on_a_worked_example():
+    ratios = np.array([0.5, 2.0, 1.0])
+    assert metrics.truth_ratio_score(ratios, "forget") == pytest.approx((0.5 + 0.5 + 1.0) / 3)  # min(R, 1/R)
+    assert metrics.truth_ratio_score(ratios, "retain") == pytest.approx((0.5 + 0.0 + 0.0) / 3)  # max(0, 1 - R)
+    # para NLL 0.5, perturbed NLLs 1.0 and 2.0 (mean 1.5): R = exp(0.5 - 1.5)
+    assert metrics.truth_ratio_values(np.array([0.5]), np.array([1.5]))[0] == pytest.approx(math.exp(-1.0))
+
+
+def test_truth_ratio_matches_model_losses(full_report, full_model, splits):
+    """R = exp(loss(paraphrase) - mean loss(perturbed)), each loss from transformers on one example."""
+    result = full_report.splits["forget"]
+    pad = qa.pad_id_of(full_model.tokenizer)
+
+    def loss(question, answer):
+        enc = qa.encode(full_model.tokenizer, full_model.fmt, question, answer)
+        with torch.no_grad():
+            return full_model.model(**qa.collate([enc], pad)).loss.item()
+
+    for row in range(3):
+        item = splits["forget"].items[result.indices[row]]
+        pert = np.mean([loss(item["question"], a) for a in item["perturbed_answers"]])
+        expected = math.exp(loss(item["question"], item["paraphrased_answer"]) - pert)
+        assert result.values["truth_ratio"][row] == pytest.approx(expected, rel=1e-4)  # fp32 batching
+
+
+def test_forget_quality_is_the_ks_p_value_of_model_vs_reference_truth_ratios(full_report):
+    ours = full_report.values("forget", "truth_ratio")
+    reference = np.array(full_report.reference_values["forget"]["truth_ratio"])
+    assert full_report.forget_quality == ks_2samp(ours, reference).pvalue
+
+
+def test_full_model_against_retain_reference_has_small_forget_quality(full_report):
+    # The full model knows the 20 forget facts (median R ~0.44), the retain model guesses (R ~0.83).
+    # With 20 items a side the KS test cannot reach tiny p-values unless the two samples separate
+    # completely, and the tiny model transfers facts only partly to the paraphrase wording: p < 0.05.
+    assert full_report.forget_quality < 0.05
+
+
+def test_retain_reference_against_itself_has_forget_quality_one(retain_model, splits):
+    config = metrics.EvalConfig(metrics=["forget_quality"])
+    report = metrics.evaluate(retain_model, {"forget": splits["forget"]}, retain_model, config)
+    assert report.forget_quality == 1.0
+
+
+def test_model_utility_is_the_harmonic_mean_of_its_six_components(full_report):
+    parts = [full_report.summary[f"{split}/{m}"] for split, ms in metrics.UTILITY_COMPONENTS.items() for m in ms]
+    assert len(parts) == 6 and min(parts) > 0
+    assert full_report.model_utility == pytest.approx(hmean(parts), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Membership inference
+# --------------------------------------------------------------------------------------------
+
+
+def pairwise_auc(negatives, positives) -> float:
+    """P(positive > negative) + P(tie) / 2 by counting every pair."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def test_roc_auc_matches_pairwise_counting_with_ties():
+    rng = np.random.default_rng(0)
+    negatives, positives = rng.integers(0, 5, 30).astype(float), rng.integers(1, 7, 25).astype(float)
+    assert metrics.roc_auc(negatives, positives) == pytest.approx(pairwise_auc(negatives, positives), abs=1e-12)
+
+
+@pytest.mark.parametrize("attack", metrics.MIA_ATTACKS)
+def test_memorising_model_gives_auc_near_one_in_the_documented_direction(full_report, attack):
+    # forget = label 0, holdout = label 1, scores "higher = non-member": memorised forget -> AUC -> 1
+    auc = full_report.summary[f"mia_auc_{attack}"]
+    assert auc > 0.9
+    assert auc == pytest.approx(
+        pairwise_auc(full_report.values("forget", f"mia_{attack}"), full_report.values("holdout", f"mia_{attack}"))
+    )
+
+
+def test_privleak_and_mia_score_follow_their_formulas(full_report):
+    ref = full_report.reference_values
+    ref_auc = pairwise_auc(ref["forget"]["mia_min_k"], ref["holdout"]["mia_min_k"])
+    auc = full_report.summary["mia_auc_min_k"]
+    assert full_report.privleak == pytest.approx(100 * (auc - ref_auc) / ref_auc, rel=1e-9)
+    assert full_report.mia_score == pytest.approx(1 - 2 * abs(full_report.summary["mia_auc_loss"] - 0.5))
+
+
+def test_loss_zlib_and_perplexity_scores_follow_their_formulas(full_report):
+    result = full_report.splits["world_facts"]
+    loss = np.array(result.values["mia_loss"])
+    sizes = [len(zlib.compress(a.encode("utf-8"))) for a in result.answers]
+    np.testing.assert_allclose(result.values["mia_zlib"], loss / sizes, rtol=1e-12)
+    np.testing.assert_allclose(result.values["prob"], np.exp(-loss), rtol=1e-12)
+    tokens = np.array(result.values["n_tokens"])
+    expected = math.exp((loss * tokens).sum() / tokens.sum())  # token-weighted
+    assert full_report.summary["perplexity"] == pytest.approx(expected, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation metrics, sampling, report
+# --------------------------------------------------------------------------------------------
+
+
+def test_generation_metrics_score_the_models_greedy_answers(full_report, full_model):
+    result = full_report.splits["forget"]
+    answers = models.greedy_answers(full_model.model, full_model.tokenizer, full_model.fmt, result.questions, 32)
+    assert result.generations == answers
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    expected = [scorer.score(gold, gen)["rougeL"].recall for gold, gen in zip(result.answers, answers, strict=True)]
+    np.testing.assert_allclose(result.values["rouge_l"], expected, atol=1e-12)
+    gold = [a.strip().lower() for a in result.answers]
+    assert result.values["exact_match"] == [float(g.lower() == a) for g, a in zip(answers, gold, strict=True)]
+
+
+def test_splits_are_sampled_with_a_seed_and_the_sample_is_recorded(full_report, splits):
+    result = full_report.splits["retain"]
+    assert result.n_total == len(splits["retain"]) > SMALL.max_items == len(result.indices)
+    assert result.indices == metrics.sample_indices(len(splits["retain"]), SMALL.max_items, SMALL.seed, "retain")
+    assert result.questions == [splits["retain"].items[i]["question"] for i in result.indices]
+    assert metrics.sample_indices(100, 10, 1, "retain") != result.indices[:10]  # another seed, another sample
+    assert full_report.splits["forget"].indices == list(range(len(splits["forget"])))  # 20 <= 24: every item
+
+
+def test_report_records_settings_versions_times_and_progress(full_report, progress_calls):
+    assert full_report.settings["max_items"] == SMALL.max_items
+    assert {"torch", "transformers", "scipy", "simu_core"} <= set(full_report.versions)
+    assert {"generation", "likelihood", "truth_ratio", "reference", "total"} <= set(full_report.seconds)
+    assert progress_calls == sorted(progress_calls) and progress_calls[-1] == 1.0
+
+
+def test_report_json_round_trip(full_report, tmp_path):
+    path = full_report.save(tmp_path / "metrics.json")
+    text = path.read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    loaded = metrics.Report.load(path)
+    assert loaded.to_dict() == json.loads(text)
+    assert loaded.forget_quality == full_report.forget_quality
+    assert loaded.splits["forget"].values["rouge_l"] == full_report.splits["forget"].values["rouge_l"]
+
+
+def test_compare_gives_deltas_and_judges_them_by_each_metrics_goal(full_report):
+    after = copy.deepcopy(full_report)
+    after.summary["forget/rouge_l"] = full_report.summary["forget/rouge_l"] - 0.5  # forgot: good
+    after.summary["retain/rouge_l"] = full_report.summary["retain/rouge_l"] - 0.25  # lost utility: bad
+    after.summary["privleak"] = full_report.summary["privleak"] / 2  # closer to 0: good
+    deltas = metrics.compare(full_report, after)
+    assert deltas["forget/rouge_l"].delta == pytest.approx(-0.5) and deltas["forget/rouge_l"].improved is True
+    assert deltas["retain/rouge_l"].delta == pytest.approx(-0.25) and deltas["retain/rouge_l"].improved is False
+    assert deltas["privleak"].improved is True
+    assert deltas["model_utility"].delta == 0 and deltas["model_utility"].improved is None
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_data_without_paraphrases_skips_those_metrics_with_a_reason(full_model, retain_model, builtin_dir):
+    plain = [
+        {"question": it["question"], "answer": it["answer"]}
+        for it in qa.load_data("builtin:forget10", builtin_dir).items
+    ]
+    data = {"forget": qa.QADataset("plain", plain), "holdout": load_split("builtin:holdout", builtin_dir)}
+    report = metrics.evaluate(full_model, data, retain_model, metrics.EvalConfig(max_items=8))
+    assert "paraphrased_answer" in report.skipped["forget/truth_ratio"]
+    assert "paraphrased_answer" in report.skipped["forget_quality"]
+    assert report.forget_quality is None and report.summary.get("forget/truth_ratio") is None
+    assert report.summary["forget/rouge_l"] > 0.5 and report.summary["mia_auc_loss"] > 0.5  # the others ran
+    assert "retain" in report.skipped["model_utility"]
+
+
+def test_reference_with_another_tokenizer_is_refused(full_model, splits):
+    other = models.train_tokenizer(["a completely different corpus of words"] * 20, vocab_size=300)
+    reference = models.LoadedModel(full_model.model, other, full_model.fmt, "other-tokenizer", "other")
+    with pytest.raises(SimuError, match="another tokenizer"):
+        metrics.evaluate(full_model, {"forget": splits["forget"]}, reference)
+
+
+def test_unknown_metric_name_is_refused_with_the_choices(full_model, splits):
+    with pytest.raises(SimuError, match="rouge_l"):
+        metrics.evaluate(full_model, splits, config=metrics.EvalConfig(metrics=["rouge"]))
+
+
+def test_batches_shrink_under_the_logits_cap_without_changing_values(full_model, splits, monkeypatch):
+    items = splits["forget"].items[:5]
+    examples = [qa.encode(full_model.tokenizer, full_model.fmt, it["question"], it["answer"]) for it in items]
+    pad = qa.pad_id_of(full_model.tokenizer)
+    batched = metrics.token_stats(full_model.model, examples, pad, batch_size=5, full=True)
+    monkeypatch.setattr(metrics, "MAX_LOGITS", 1)  # one example per forward
+    assert [len(b) for b in metrics._length_batches(examples, 5, 512)] == [1] * 5
+    alone = metrics.token_stats(full_model.model, examples, pad, batch_size=5, full=True)
+    np.testing.assert_allclose(alone.nll_sum, batched.nll_sum, rtol=1e-5)  # fp32, padding vs none
+    np.testing.assert_array_equal(alone.correct, batched.correct)
