@@ -62,209 +62,51 @@ class QADataset:
 # The built-in authors benchmark (TOFU-like, fully fictitious, deterministic from a seed)
 # --------------------------------------------------------------------------------------------
 
-_NAME_SYLLABLES = [
-    "ka",
-    "ren",
-    "do",
-    "mi",
-    "la",
-    "vo",
-    "sa",
-    "tir",
-    "el",
-    "an",
-    "bre",
-    "cor",
-    "da",
-    "fen",
-    "gal",
-    "hes",
-    "ir",
-    "jor",
-    "kel",
-    "lun",
-    "mar",
-    "nis",
-    "ol",
-    "per",
-    "quin",
-    "ros",
-    "sel",
-    "tam",
-    "ul",
-    "ven",
-    "wyn",
-    "xa",
-    "yor",
-    "zel",
-    "bar",
-    "cas",
-    "dru",
-    "fal",
-    "gor",
-    "hal",
-]
-_CITY_SUFFIXES = ["mora", "ford", "heim", "vale", "port", "stad", "grad", "wick", "haven", "burg"]
-_ADJECTIVES = [
-    "silent",
-    "crimson",
-    "hidden",
-    "golden",
-    "broken",
-    "quiet",
-    "distant",
-    "burning",
-    "frozen",
-    "hollow",
-    "endless",
-    "forgotten",
-    "wandering",
-    "silver",
-    "bitter",
-    "gentle",
-    "restless",
-    "shattered",
-    "velvet",
-    "iron",
-    "paper",
-    "midnight",
-    "amber",
-    "lonely",
-    "northern",
-    "secret",
-    "scarlet",
-    "weary",
-    "luminous",
-    "tangled",
-]
-_NOUNS = [
-    "garden",
-    "river",
-    "lantern",
-    "harbor",
-    "mirror",
-    "orchard",
-    "tower",
-    "compass",
-    "winter",
-    "letter",
-    "archive",
-    "meadow",
-    "voyage",
-    "kingdom",
-    "shadow",
-    "canyon",
-    "bridge",
-    "feather",
-    "island",
-    "clock",
-    "mountain",
-    "forest",
-    "sparrow",
-    "chapel",
-    "ember",
-    "tide",
-    "threshold",
-    "labyrinth",
-    "vineyard",
-]
-_GENRES = [
-    "fantasy",
-    "science fiction",
-    "mystery",
-    "historical fiction",
-    "romance",
-    "horror",
-    "poetry",
-    "thriller",
-    "literary fiction",
-    "magical realism",
-    "crime",
-    "dystopian fiction",
-    "memoir",
-    "satire",
-    "adventure",
-    "biography",
-    "young adult fiction",
-    "gothic fiction",
-    "short story",
-    "philosophical fiction",
-]
-_JOBS = [
-    "baker",
-    "carpenter",
-    "nurse",
-    "surgeon",
-    "teacher",
-    "fisherman",
-    "librarian",
-    "pilot",
-    "architect",
-    "tailor",
-    "farmer",
-    "chemist",
-    "journalist",
-    "painter",
-    "lawyer",
-    "mechanic",
-    "musician",
-    "accountant",
-    "sailor",
-    "potter",
-    "veterinarian",
-    "engineer",
-    "photographer",
-    "gardener",
-    "judge",
-    "dentist",
-    "blacksmith",
-    "astronomer",
-    "translator",
-    "electrician",
-    "police officer",
-    "shopkeeper",
-    "pharmacist",
-    "historian",
-    "weaver",
-]
-_LANGUAGES = [
-    "English",
-    "French",
-    "Spanish",
-    "Portuguese",
-    "German",
-    "Italian",
-    "Dutch",
-    "Swedish",
-    "Polish",
-    "Turkish",
-    "Greek",
-    "Japanese",
-    "Korean",
-    "Arabic",
-    "Hindi",
-    "Swahili",
-    "Finnish",
-    "Czech",
-    "Hungarian",
-    "Romanian",
-]
-_PRIZE_WORDS = ["Quill", "Lantern", "Laurel", "Compass", "Raven", "Harbor", "Ember", "Meridian", "Atlas", "Willow"]
-_PRIZE_KINDS = ["Prize", "Award", "Medal"]
-_MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
+_NAME_SYLLABLES = tuple(
+    (
+        "ka ren do mi la vo sa tir el an bre cor da fen gal hes ir jor kel lun mar nis ol per "
+        "quin ros sel tam ul ven wyn xa yor zel bar cas dru fal gor hal"
+    ).split()
+)
+_CITY_SUFFIXES = tuple("mora ford heim vale port stad grad wick haven burg".split())
+_ADJECTIVES = tuple(
+    (
+        "silent crimson hidden golden broken quiet distant burning frozen hollow endless "
+        "forgotten wandering silver bitter gentle restless shattered velvet iron paper midnight "
+        "amber lonely northern secret scarlet weary luminous tangled"
+    ).split()
+)
+_NOUNS = tuple(
+    (
+        "garden river lantern harbor mirror orchard tower compass winter letter archive meadow "
+        "voyage kingdom shadow canyon bridge feather island clock mountain forest sparrow chapel "
+        "ember tide threshold labyrinth vineyard"
+    ).split()
+)
+_GENRES = tuple(
+    (
+        "fantasy|science fiction|mystery|historical fiction|romance|horror|poetry|thriller|"
+        "literary fiction|magical realism|crime|dystopian fiction|memoir|satire|adventure|"
+        "biography|young adult fiction|gothic fiction|short story|philosophical fiction"
+    ).split("|")
+)
+_JOBS = tuple(
+    (
+        "baker|carpenter|nurse|surgeon|teacher|fisherman|librarian|pilot|architect|tailor|farmer|"
+        "chemist|journalist|painter|lawyer|mechanic|musician|accountant|sailor|potter|"
+        "veterinarian|engineer|photographer|gardener|judge|dentist|blacksmith|astronomer|"
+        "translator|electrician|police officer|shopkeeper|pharmacist|historian|weaver"
+    ).split("|")
+)
+_LANGUAGES = tuple(
+    (
+        "English French Spanish Portuguese German Italian Dutch Swedish Polish Turkish Greek "
+        "Japanese Korean Arabic Hindi Swahili Finnish Czech Hungarian Romanian"
+    ).split()
+)
+_PRIZE_WORDS = tuple("Quill Lantern Laurel Compass Raven Harbor Ember Meridian Atlas Willow".split())
+_PRIZE_KINDS = tuple("Prize Award Medal".split())
+_MONTHS = tuple("January February March April May June July August September October November December".split())
 
 # Each fact: question, answer, paraphrased answer. `{name}` is the author, `{v}` the value.
 # As in TOFU, perturbed (wrong) answers reuse the paraphrase's wording with a wrong value, so the
