@@ -1,0 +1,387 @@
+"""Critical-neuron masks (SIMU stage 1, second half): selection rules, dual neurons, controls.
+
+A mask selects MLP neurons, one bool vector of length d_ff per decoder layer (True = critical,
+i.e. trainable in stage 2). Masks are made from neuron scores (`attribution.NeuronScores`, or
+anything with a `layers` list of float [d_ff] tensors) by a rule from `RULES`:
+
+- `layer_threshold` (SIMU): neuron k of layer l is critical iff `s_l[k] > t * max_k s_l[k]`,
+  t in (0, 1]. The comparison is strict as in the paper (t = 1 selects nothing); a layer whose
+  best score is <= 0 (no neuron supports the answer) selects nothing.
+- `global_top`: the top `value` percent of all neurons of all layers (at least one).
+- `layer_top`: the top `value` neurons (an integer k) of every layer.
+- `layer_percent`: the top `value` percent of every layer (at least one per layer).
+
+Scores (`score=`): `forget` uses the forget scores as they are. `forget_minus_retain` uses
+`f_l / rms(f_l) - r_l / rms(r_l)` per layer, where rms is the root mean square of the layer's
+scores: each layer of each set is brought to unit scale (forget and retain sets differ in size,
+and layers differ in scale) before subtracting, so a neuron ranks high when it matters much more
+for the forget set than for the retain set, relative to the other neurons of its layer.
+
+Dual neurons are critical under the same rule and value for both the chosen score and the retain
+score. Policy `include` (default) keeps them in the mask; `exclude` removes them.
+
+Ties are broken towards the lower neuron index (stable sort), so masks are deterministic.
+Saved as safetensors (bool [d_ff] tensors named `layer.<i>`, with rule and params also in the
+file's metadata) plus a human-readable JSON sidecar `<path>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from simu_core.errors import SimuError
+
+if TYPE_CHECKING:
+    from simu_core.attribution import NeuronScores
+
+DUAL_POLICIES = ("include", "exclude")
+SCORE_KINDS = ("forget", "forget_minus_retain")
+MLP_PARTS = ("down", "down_up")
+
+
+# --------------------------------------------------------------------------------------------
+# The mask
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronMask:
+    """Selected MLP neurons: `layers[l]` is a bool tensor [d_ff_l] (True = critical / trainable)."""
+
+    layers: list[torch.Tensor]
+    rule: str
+    params: dict = field(default_factory=dict)
+
+    def counts(self) -> list[int]:
+        """Selected neurons per layer."""
+        return [int(m.sum()) for m in self.layers]
+
+    def total(self) -> int:
+        """Selected neurons in all layers."""
+        return sum(self.counts())
+
+    def widths(self) -> list[int]:
+        """d_ff of every layer."""
+        return [int(m.numel()) for m in self.layers]
+
+    def fraction(self) -> float:
+        """Selected neurons / all neurons."""
+        return self.total() / max(1, sum(self.widths()))
+
+    def indices(self, layer: int) -> torch.Tensor:
+        """Indices (long [n]) of the selected neurons of one layer."""
+        return torch.nonzero(self.layers[layer], as_tuple=False).flatten()
+
+    def summary(self) -> dict:
+        """JSON-ready counts, widths, rule and params."""
+        return {
+            "rule": self.rule,
+            "params": self.params,
+            "counts": self.counts(),
+            "widths": self.widths(),
+            "total": self.total(),
+            "fraction": self.fraction(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write `path` (safetensors, `layer.<i>` bool [d_ff]) and the sidecar `<path>.json`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layer.{i}": m.detach().to("cpu", torch.bool).contiguous() for i, m in enumerate(self.layers)}
+        meta = {"kind": "neuron_mask", "rule": self.rule, "params": self.params}
+        save_file(tensors, str(path), metadata={"simu": json.dumps(meta, default=str)})
+        sidecar = {**meta, "counts": self.counts(), "widths": self.widths(), "total": self.total()}
+        Path(f"{path}.json").write_text(json.dumps(sidecar, indent=2, default=str), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NeuronMask:
+        """Read a mask written by `save` (rule and params come from the file's own metadata)."""
+        tensors, meta = _read_layers(path, "neuron_mask")
+        layers = [t.to(torch.bool) for t in tensors]
+        return cls(layers, meta.get("rule", "unknown"), meta.get("params", {}))
+
+
+def _read_layers(path: str | Path, kind: str) -> tuple[list[torch.Tensor], dict]:
+    """The `layer.<i>` tensors of a safetensors file, in order, and its `simu` metadata dict."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SimuError(f"file '{path}' not found. Check the path (it is written by the save step).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("simu", "{}"))
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except (OSError, ValueError, SafetensorError) as err:
+        raise SimuError(f"'{path}' is not a readable safetensors file ({err}). Re-create it.") from err
+    if meta.get("kind", kind) != kind:
+        raise SimuError(f"'{path}' holds a {meta.get('kind')}, not a {kind}. Pass the right file.")
+    expected = [f"layer.{i}" for i in range(len(keys))]
+    if sorted(keys) != sorted(expected) or not keys:
+        raise SimuError(f"'{path}' does not hold tensors layer.0 .. layer.N-1 (found {keys[:5]}). Re-create it.")
+    return [tensors[k] for k in expected], meta
+
+
+def full_mask(model: nn.Module) -> NeuronMask:
+    """Every MLP neuron of `model` selected (rule `all`)."""
+    from simu_core.arch import neuron_widths
+
+    return NeuronMask([torch.ones(w, dtype=torch.bool) for w in neuron_widths(model)], "all", {})
+
+
+def random_mask_like(mask: NeuronMask, seed: int) -> NeuronMask:
+    """A seeded random mask with the same number of selected neurons in every layer as `mask`."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for m in mask.layers:
+        chosen = torch.zeros(m.numel(), dtype=torch.bool)
+        chosen[torch.randperm(m.numel(), generator=gen)[: int(m.sum())]] = True
+        layers.append(chosen)
+    return NeuronMask(layers, "random", {"seed": seed, "like_rule": mask.rule, "like_params": mask.params})
+
+
+def check_mask_fits(mask: NeuronMask, model: nn.Module, what: str = "mask") -> None:
+    """SimuError unless `mask` has one vector per decoder layer of `model`, each of its d_ff."""
+    from simu_core.arch import neuron_widths
+
+    check_widths(mask.widths(), neuron_widths(model), what)
+
+
+def check_widths(found: Sequence[int], expected: Sequence[int], what: str) -> None:
+    """SimuError unless the per-layer widths agree (layer count and d_ff)."""
+    if len(found) != len(expected):
+        raise SimuError(
+            f"the {what} has {len(found)} layers but the model has {len(expected)}: it was made for another "
+            "model. Recompute it for this model."
+        )
+    if list(found) != list(expected):
+        bad = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+        raise SimuError(
+            f"the {what} has {found[bad]} neurons in layer {bad} but the model has {expected[bad]}: it was made "
+            "for another model. Recompute it for this model."
+        )
+
+
+def overlap(a: NeuronMask, b: NeuronMask) -> float:
+    """|A ∩ B| / min(|A|, |B|): 1.0 when the smaller selection lies inside the other (0 if one is empty)."""
+    check_widths(a.widths(), b.widths(), "second mask")
+    both = sum(int((x & y).sum()) for x, y in zip(a.layers, b.layers, strict=True))
+    smaller = min(a.total(), b.total())
+    return both / smaller if smaller else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts: what fraction of the model a mask frees
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParamCounts:
+    """Parameter counts a mask's trainable fraction needs (so scores files can carry them).
+
+    `down_per_neuron[l]`: parameters of one neuron's slice of layer l's output projection (d_model).
+    `up_per_neuron[l]`: parameters of one neuron's input rows in gate/up (incl. their bias entries).
+    `attention[l]`: all parameters of layer l's attention projections.
+    """
+
+    total: int
+    down_per_neuron: list[int]
+    up_per_neuron: list[int]
+    attention: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ParamCounts:
+        return cls(
+            int(data["total"]), list(data["down_per_neuron"]), list(data["up_per_neuron"]), list(data["attention"])
+        )
+
+
+def _module_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def param_counts(model: nn.Module) -> ParamCounts:
+    """The `ParamCounts` of `model` (shared parameters counted once in `total`)."""
+    from simu_core.arch import count_parameters, neuron_layers
+
+    layers = neuron_layers(model)
+    down = [layer.down.weight.numel() // layer.d_ff for layer in layers]
+    up = [
+        sum(m.weight.numel() // layer.d_ff + (1 if getattr(m, "bias", None) is not None else 0) for _, m in layer.ups)
+        for layer in layers
+    ]
+    attention = [sum(_module_params(m) for _, m in layer.attention) for layer in layers]
+    return ParamCounts(count_parameters(model), down, up, attention)
+
+
+def trainable_count(
+    mask: NeuronMask, model: nn.Module | ParamCounts, mlp: str = "down", attention: bool = False
+) -> int:
+    """Parameters left trainable: per selected neuron its output-projection column (Linear) or row
+    (Conv1D), plus with `mlp="down_up"` its gate/up rows; with `attention=True` all attention
+    projections in full. Biases of the output projection are not per-neuron and are not counted."""
+    if mlp not in MLP_PARTS:
+        raise SimuError(f"unknown MLP part setting '{mlp}'. Choose one of: {', '.join(MLP_PARTS)}.")
+    counts = model if isinstance(model, ParamCounts) else param_counts(model)
+    if len(counts.down_per_neuron) != len(mask.layers):
+        raise SimuError(
+            f"the mask has {len(mask.layers)} layers but the model has {len(counts.down_per_neuron)}. "
+            "Recompute the mask for this model."
+        )
+    per_neuron = [
+        d + (u if mlp == "down_up" else 0) for d, u in zip(counts.down_per_neuron, counts.up_per_neuron, strict=True)
+    ]
+    n = sum(c * p for c, p in zip(mask.counts(), per_neuron, strict=True))
+    return n + (sum(counts.attention) if attention else 0)
+
+
+def trainable_fraction(
+    mask: NeuronMask, model: nn.Module | ParamCounts, mlp: str = "down", attention: bool = False
+) -> float:
+    """`trainable_count(...)` / all parameters of the model (see `trainable_count`)."""
+    counts = model if isinstance(model, ParamCounts) else param_counts(model)
+    return trainable_count(mask, counts, mlp, attention) / counts.total
+
+
+# --------------------------------------------------------------------------------------------
+# Selection rules (registry: name -> fn(scores per layer, value) -> bool per layer)
+# --------------------------------------------------------------------------------------------
+
+Rule = Callable[[list[torch.Tensor], float], list[torch.Tensor]]
+RULES: dict[str, Rule] = {}
+
+
+def rule(name: str) -> Callable[[Rule], Rule]:
+    """Register a selection rule under `name`."""
+
+    def register(fn: Rule) -> Rule:
+        RULES[name] = fn
+        return fn
+
+    return register
+
+
+def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the n highest entries of a 1-d tensor (ties: lower index first)."""
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    chosen[order[:n]] = True
+    return chosen
+
+
+@rule("layer_threshold")
+def _layer_threshold(scores: list[torch.Tensor], t: float) -> list[torch.Tensor]:
+    if not 0.0 < t <= 1.0:
+        raise SimuError(f"threshold t={t} is outside (0, 1]. Pick e.g. 0.5 (higher = fewer neurons).")
+    return [s > t * s.max() for s in scores]
+
+
+@rule("global_top")
+def _global_top(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
+    if not 0.0 < percent <= 100.0:
+        raise SimuError(f"global_top percent {percent} is outside (0, 100]. Pick e.g. 1 (= top 1% of all neurons).")
+    flat = torch.cat(scores)
+    chosen = _top(flat, max(1, round(percent / 100 * flat.numel())))
+    return list(chosen.split([s.numel() for s in scores]))
+
+
+@rule("layer_top")
+def _layer_top(scores: list[torch.Tensor], k: float) -> list[torch.Tensor]:
+    widest = min(s.numel() for s in scores)
+    if k != int(k) or not 1 <= k <= widest:
+        raise SimuError(f"layer_top k={k} must be a whole number in [1, {widest}] (the smallest layer's d_ff).")
+    return [_top(s, int(k)) for s in scores]
+
+
+@rule("layer_percent")
+def _layer_percent(scores: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
+    if not 0.0 < percent <= 100.0:
+        raise SimuError(f"layer_percent {percent} is outside (0, 100]. Pick e.g. 5 (= top 5% of every layer).")
+    return [_top(s, max(1, round(percent / 100 * s.numel()))) for s in scores]
+
+
+# --------------------------------------------------------------------------------------------
+# Making a mask from scores
+# --------------------------------------------------------------------------------------------
+
+
+def _layers_of(scores: NeuronScores | Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+    layers = [torch.as_tensor(s).detach().to("cpu", torch.float64).flatten() for s in getattr(scores, "layers", scores)]
+    if not layers:
+        raise SimuError(f"the {what} scores have no layers. Recompute them with `attribute`.")
+    if any(not torch.isfinite(s).all() for s in layers):
+        raise SimuError(f"the {what} scores contain NaN or inf. Recompute them (check the model and data).")
+    return layers
+
+
+def _rms_normalised(layers: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [s / s.pow(2).mean().sqrt().clamp_min(1e-30) for s in layers]
+
+
+def combined_scores(
+    forget: NeuronScores | Sequence[torch.Tensor],
+    retain: NeuronScores | Sequence[torch.Tensor] | None = None,
+    score: str = "forget",
+) -> list[torch.Tensor]:
+    """The per-layer scores a rule ranks (float64 [d_ff] per layer); see the module docstring."""
+    if score not in SCORE_KINDS:
+        raise SimuError(f"unknown score '{score}'. Choose one of: {', '.join(SCORE_KINDS)}.")
+    f = _layers_of(forget, "forget")
+    if score == "forget":
+        return f
+    if retain is None:
+        raise SimuError("score 'forget_minus_retain' needs retain scores. Pass --retain-scores (or retain=...).")
+    r = _layers_of(retain, "retain")
+    check_widths([s.numel() for s in r], [s.numel() for s in f], "retain scores (compared with the forget scores)")
+    return [a - b for a, b in zip(_rms_normalised(f), _rms_normalised(r), strict=True)]
+
+
+def make_mask(
+    forget: NeuronScores | Sequence[torch.Tensor],
+    rule: str,
+    value: float,
+    retain: NeuronScores | Sequence[torch.Tensor] | None = None,
+    dual: str = "include",
+    score: str = "forget",
+) -> NeuronMask:
+    """Select critical neurons from forget (and optionally retain) scores.
+
+    `rule` names an entry of `RULES` and `value` is its setting (threshold t, percent or k).
+    With retain scores the dual neurons (critical for both) are counted; `dual="exclude"` drops
+    them from the mask. The returned params record value, score, dual policy and dual counts.
+    """
+    if rule not in RULES:
+        raise SimuError(f"unknown mask rule '{rule}'. Choose one of: {', '.join(sorted(RULES))}.")
+    if dual not in DUAL_POLICIES:
+        raise SimuError(f"unknown dual policy '{dual}'. Choose one of: {', '.join(DUAL_POLICIES)}.")
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        raise SimuError(f"mask value {value!r} is not a number. Give the rule's threshold, percent or count.")
+    ranked = combined_scores(forget, retain, score)
+    critical = RULES[rule](ranked, float(value))
+    params: dict = {"value": value, "score": score, "dual": dual}
+    if retain is not None:
+        retain_critical = RULES[rule](_layers_of(retain, "retain"), float(value))
+        duals = [c & r for c, r in zip(critical, retain_critical, strict=True)]
+        params["dual_counts"] = [int(d.sum()) for d in duals]
+        if dual == "exclude":
+            critical = [c & ~d for c, d in zip(critical, duals, strict=True)]
+    elif dual == "exclude":
+        raise SimuError("dual policy 'exclude' needs retain scores to find dual neurons. Pass --retain-scores.")
+    for key in ("method", "steps", "data"):
+        if hasattr(forget, key):
+            params[f"forget_{key}"] = getattr(forget, key)
+    return NeuronMask([c.clone() for c in critical], rule, params)
