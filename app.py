@@ -15,13 +15,14 @@ st.set_page_config(page_title="SIMU Studio", page_icon="🧠", layout="wide")
 init_state()
 
 PAGES_DIR = Path(__file__).parent / "pages"
+# Material icons ship with Streamlit's own font, so they render everywhere (emoji need a system emoji font).
 STEPS = [
-    ("model_data.py", "Model & data", "🗂️"),
-    ("attribution.py", "Attribution", "🔬"),
-    ("unlearn.py", "Unlearn", "🧽"),
-    ("evaluate.py", "Evaluate", "📏"),
-    ("connectivity.py", "Mode connectivity", "〰️"),
-    ("runs.py", "Runs", "🗄️"),
+    ("model_data.py", "Model & data", ":material/dataset:"),
+    ("attribution.py", "Attribution", ":material/biotech:"),
+    ("unlearn.py", "Unlearn", ":material/cleaning_services:"),
+    ("evaluate.py", "Evaluate", ":material/fact_check:"),
+    ("connectivity.py", "Mode connectivity", ":material/timeline:"),
+    ("runs.py", "Runs", ":material/history:"),
 ]
 pages = [
     st.Page(PAGES_DIR / file, title=title, icon=icon, default=i == 0)

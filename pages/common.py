@@ -5,17 +5,30 @@ Only glue lives here; every computation is a `simu_core` call.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import streamlit as st
+import torch
 
 from simu_core import data as qa
-from simu_core.config import builtin_root, simu_home
+from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
-from simu_core.jobs import JobRunner
+from simu_core.jobs import CANCELLED, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
+from simu_core.metrics import Report
 from simu_core.models import LoadedModel, builtin_status, ensure_builtin, load_model
+from simu_core.report import runs_figure
+from simu_core.runs import history_figure, list_runs, read_config, read_history
+
+if os.environ.get("SIMU_THREADS"):  # e.g. SIMU_THREADS=1 on a busy shared machine; default: torch's own choice
+    torch.set_num_threads(int(os.environ["SIMU_THREADS"]))
 
 DEFAULTS = {
     "model_spec": "builtin:full",
@@ -25,6 +38,21 @@ DEFAULTS = {
     "trust_remote_code": False,
 }
 ROLES = ("forget", "retain")
+
+
+def require_entrypoint() -> None:
+    """Make sure this page runs inside app.py (st.navigation), which sets up the session.
+
+    When the first request a fresh server gets is a deep link (e.g. /attribution), Streamlit runs the page file
+    on its own in its legacy "pages/ folder" mode until some session has run app.py once. Leave that mode (the
+    flag st.navigation itself clears) and rerun: the same page then opens through app.py.
+    """
+    if "model_spec" in st.session_state:
+        return
+    from streamlit.runtime.pages_manager import PagesManager
+
+    PagesManager.uses_pages_directory = False
+    st.rerun()
 
 
 def init_state() -> None:
@@ -53,13 +81,24 @@ def _build_lock() -> threading.Lock:
     return threading.Lock()
 
 
+_READY: set[str] = set()  # built-in folders found intact by this server (checking hashes every file: once is enough)
+
+
 def ensure_builtin_with_progress() -> bool:
     """Build the built-in default on first use, with a progress bar. False if it failed."""
     root = builtin_root()
-    if builtin_status(root) == "ok":
+    if str(root) in _READY:
         return True
-    with _build_lock():  # another session may be building it right now: wait for that build
+    if builtin_status(root) == "ok":
+        _READY.add(str(root))
+        return True
+    lock = _build_lock()
+    if not lock.acquire(blocking=False):  # another session is building it right now: wait for that build
+        with st.spinner("Another session is building the built-in default; this page continues when it is ready."):
+            lock.acquire()
+    try:
         if builtin_status(root) == "ok":
+            _READY.add(str(root))
             return True
         st.info("First start: building the built-in benchmark and models (a few minutes on a laptop CPU, once).")
         bar = st.progress(0.0, text="Building the built-in default...")
@@ -69,6 +108,8 @@ def ensure_builtin_with_progress() -> bool:
             show_error(err, "build the built-in default")
             return False
         bar.empty()
+    finally:
+        lock.release()
     return True
 
 
@@ -137,3 +178,189 @@ def sidebar_summary() -> None:
             f"**Retain** `{data_label('retain')}`  \n"
             f"**Device** `{st.session_state['device']}`"
         )
+
+
+# --------------------------------------------------------------------------- background jobs
+def runs_dir() -> Path:
+    """Where this session's runs are written and listed."""
+    return Path(st.session_state["runs_dir"])
+
+
+def submit_job(key: str, name: str, fn: Callable[[JobContext], Any]) -> Job:
+    """Queue `fn` on the server's one job runner and remember it as this session's job `key`.
+
+    `fn` runs on the worker thread: it must not call Streamlit (it reports through its JobContext).
+    """
+    job = job_runner().submit(name, fn)
+    st.session_state.setdefault("jobs", {})[key] = job
+    return job
+
+
+def launch_button(label: str, key: str, name: str, fn: Callable[[JobContext], Any], where=st, **kw) -> None:
+    """A button that queues `fn` (built from this run's widget values) as this session's job `key`.
+
+    Disabled while that job is queued or running; after a click the page reruns to show the job.
+    """
+    disabled = kw.pop("disabled", False) or job_busy(key)
+    if where.button(label, key=f"launch_{key}", disabled=disabled, **kw):
+        submit_job(key, name, fn)
+        st.rerun()
+
+
+def session_job(key: str) -> Job | None:
+    return st.session_state.get("jobs", {}).get(key)
+
+
+def job_busy(key: str) -> bool:
+    """True while this session's job `key` is queued or running."""
+    job = session_job(key)
+    return job is not None and job.snapshot().state not in FINISHED
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def show_progress(status: JobStatus) -> None:
+    """A queued notice, or a progress bar with the message, elapsed time and ETA."""
+    if status.state == QUEUED:
+        st.info(f"⏳ **{status.name}** is waiting: {status.message}. It starts when the job ahead finishes.")
+        return
+    eta = status.records[-1].get("eta") if status.records and "eta" in status.records[-1] else status.eta_seconds
+    text = f"{status.name}: {status.message} · {_duration(status.elapsed)} elapsed"
+    text += f" · about {_duration(eta)} left" if eta is not None else ""
+    st.progress(min(1.0, max(0.0, status.progress)), text=text)
+
+
+def show_job_outcome(status: JobStatus, doing: str) -> None:
+    """What a failed or cancelled job left to say (a finished job says nothing here)."""
+    if status.state == FAILED:
+        st.error(f"**Could not {doing}.** {status.error}")
+        if status.traceback:
+            with st.expander("Details (traceback)"):
+                st.code(status.traceback, language="text")
+    elif status.state == CANCELLED:
+        st.warning(f"**{status.name}** was cancelled ({status.message}).")
+
+
+def follow_job(
+    key: str,
+    doing: str,
+    live: Callable[[JobStatus], None] | None = None,
+    every: float = 0.5,
+    ready: Callable[[], bool] | None = None,
+) -> JobStatus | None:
+    """Show this session's job `key`; returns its status once it has finished, else None.
+
+    While it runs, a fragment polls its status every `every` seconds and draws the progress bar,
+    `live(status)` (e.g. loss curves) and a Cancel button; the whole page reruns when the job ends,
+    or earlier once `ready()` is true (a part of the results the page can already show).
+    """
+    job = session_job(key)
+    if job is None:
+        return None
+    status = job.snapshot()
+    if status.state in FINISHED:
+        show_job_outcome(status, doing)
+        return status
+
+    @st.fragment(run_every=every)
+    def panel() -> None:
+        now = job.snapshot()
+        if now.state in FINISHED or (ready is not None and ready()):
+            st.rerun()
+        show_progress(now)
+        if live is not None:
+            live(now)
+        if not job.cancel_event.is_set() and st.button("Cancel", key=f"cancel_{key}", help="Stop between two steps."):
+            job.cancel()
+        if job.cancel_event.is_set():
+            st.caption("Cancelling: the job stops at its next step.")
+
+    panel()
+    return None
+
+
+# --------------------------------------------------------------------------- small shared pieces
+def chart(fig, key: str | None = None) -> None:
+    """A plotly chart at full width."""
+    st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+
+
+def dataset_key(dataset: qa.QADataset) -> str:
+    """A short content hash of a data set (two uploads with one name never share cached results)."""
+    digest = hashlib.sha256(json.dumps(dataset.items, sort_keys=True, default=str).encode())
+    return f"{dataset.name}:{len(dataset)}:{digest.hexdigest()[:12]}"
+
+
+@st.cache_resource(show_spinner=False)
+def result_store() -> dict:
+    """Server-wide results of jobs (e.g. neuron scores), keyed by what determines them; read-only once stored."""
+    return {}
+
+
+def finished_runs() -> list:
+    """Run records (see `runs.list_runs`) of this session's runs folder that have weights, newest first."""
+    return [r for r in list_runs(runs_dir()) if r.has_delta]
+
+
+def need_setup() -> tuple[LoadedModel, qa.QADataset, qa.QADataset]:
+    """The session's model, forget set and retain set; stops the page with a pointer when one is missing."""
+    loaded, forget, retain = current_model(), current_data("forget"), current_data("retain")
+    if loaded is None or forget is None or retain is None:
+        st.info("Fix the model or data on the **Model & data** page first.")
+        st.page_link("pages/model_data.py", label="Go to Model & data", icon=":material/dataset:")
+        st.stop()
+    return loaded, forget, retain
+
+
+# --------------------------------------------------------------------------- evaluation reports of runs
+COMPARE_KEYS = ("model_utility", "mia_score", "forget/rouge_l", "forget/prob", "retain/rouge_l", "retain/prob")
+HEADLINE_KEYS = ("forget_quality", "model_utility", "privleak", "mia_score", "forget/rouge_l", "retain/rouge_l")
+
+
+def run_reports(folder: Path) -> tuple[Report | None, Report | None]:
+    """A run's evaluation (after) and its base model's (before), when they were written."""
+    after = folder / "metrics.json"
+    before = folder / "metrics_before.json"
+    return (Report.load(after) if after.is_file() else None, Report.load(before) if before.is_file() else None)
+
+
+def compare_runs(records: list) -> None:
+    """Several runs side by side: the settings that differ, training summaries, metrics and loss curves."""
+    configs = {r.name: _flat(to_dict(read_config(r.path))) for r in records}
+    differ = sorted(k for k in set().union(*configs.values()) if len({str(c.get(k)) for c in configs.values()}) > 1)
+    rows = {
+        r.name: {
+            **{k: configs[r.name].get(k) for k in differ},
+            "status": r.status,
+            "steps done": r.steps_done,
+            "seconds": r.seconds,
+            "forget loss": r.forget_loss,
+            "retain loss": r.retain_loss,
+        }
+        for r in records
+    }
+    reports = {r.name: run_reports(r.path)[0] for r in records}
+    for name, report in reports.items():
+        if report is not None:
+            rows[name].update({k: report.summary.get(k) for k in HEADLINE_KEYS})
+    st.dataframe(pd.DataFrame(rows).astype(str), width="stretch")
+    st.caption("Rows: the settings that differ between the runs, then training results and (if evaluated) metrics.")
+    chart(history_figure({r.name: read_history(r.path) for r in records}, "Losses of the compared runs"))
+    evaluated = {name: rep for name, rep in reports.items() if rep is not None}
+    if len(evaluated) >= 2:
+        chart(runs_figure(evaluated, list(COMPARE_KEYS)))
+    elif len(evaluated) < len(records):
+        st.caption("Evaluate the runs (Evaluate page) to compare their metrics too.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import current_data, current_model, data_label, parse_upload, show_error
+from pages.common import current_data, current_model, data_label, parse_upload, require_entrypoint, show_error
 from simu_core import data as qa
 from simu_core.arch import count_parameters, model_type_of, neuron_widths
 from simu_core.models import BUILTIN_MODELS
 
+require_entrypoint()
 st.header("1 · Model & data")
 st.caption(
     "Pick the model to unlearn from and the data it should forget (and keep). "
@@ -32,12 +33,18 @@ elif source == "Local folder":
     spec = st.text_input("Folder written by save_pretrained (safetensors weights)", placeholder="/path/to/model")
 else:
     spec = st.text_input("Hub id", placeholder="EleutherAI/pythia-70m", help="Needs network or the local HF cache.")
-    st.checkbox(
+    st.session_state["trust_remote_code"] = st.checkbox(
         "Trust remote code",
-        key="trust_remote_code",
+        value=st.session_state["trust_remote_code"],
+        key="trust_remote_code_widget",
         help="Runs Python code shipped with the model. Leave off unless you trust its authors.",
     )
-st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device", help="auto = CUDA GPU, else Apple MPS, else CPU.")
+# Widget keys differ from the state keys: Streamlit forgets a widget's key on pages that do not draw it.
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+st.session_state["device"] = st.selectbox(
+    "Device", DEVICES, index=DEVICES.index(st.session_state["device"]), key="device_widget",
+    help="auto = CUDA GPU, else Apple MPS, else CPU.",
+)  # fmt: skip
 if spec and spec != st.session_state["model_spec"] and st.button("Use this model", type="primary"):
     st.session_state["model_spec"] = spec.strip()
     st.rerun()

@@ -52,19 +52,23 @@ def _build_default_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--authors", type=int, default=None, help="number of trained authors (default 200)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    p.add_argument("--size", choices=("default", "large"), default=None,
+                   help="default (200 authors, 1.2M params) or large (1000 authors, ~82M params, for a GPU); "
+                   "default: $SIMU_BUILTIN_SIZE, else default. large is cached in $SIMU_HOME/builtin-large")  # fmt: skip
 
 
 @command("build-default", "build the built-in authors benchmark and tiny models (cached)", _build_default_args)
 def build_default_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.config import BuiltinConfig, builtin_root
+    from simu_core.config import builtin_config, builtin_root
     from simu_core.models import build_default, builtin_status, read_manifest
 
-    config = BuiltinConfig(seed=args.seed)
+    config = builtin_config(args.size)
+    config.seed = args.seed
     if args.authors is not None:
         config.n_authors = args.authors
     if args.epochs is not None:
         config.train.epochs = args.epochs
-    out = args.out or str(builtin_root())
+    out = args.out or str(builtin_root(args.size))
     status = builtin_status(out, config)
     if status == "ok" and not args.force:
         manifest = read_manifest(out)
@@ -81,6 +85,317 @@ def build_default_cmd(args: argparse.Namespace) -> dict:
         "exact_match": manifest["exact_match"],
         "seconds": manifest["seconds"],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# attribute / mask (SIMU stage 1)
+# --------------------------------------------------------------------------------------------
+
+
+def _attribute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model spec (builtin:full, a folder, or a hub id)")
+    p.add_argument("--data", required=True, help="data spec (builtin:forget10, a .jsonl/.csv file, hf:NAME...)")
+    p.add_argument("--method", default="simu_ig", help="simu_ig (default), grad_x_act, captum_ig, captum_gxa, ...")
+    p.add_argument("--steps", type=int, default=5, help="integration steps m (default 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default 16)")
+    p.add_argument("--positions", default="all", help="scaled positions: all (default) or answer")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--out", required=True, help="output scores file (.safetensors; a .json sidecar is written too)")
+
+
+@command("attribute", "score every MLP neuron on a data set (SIMU stage 1)", _attribute_args)
+def attribute_cmd(args: argparse.Namespace) -> dict:
+    from simu_core.attribution import attribute
+    from simu_core.data import load_data
+    from simu_core.models import load_model
+
+    ensure_builtin_for(args.model, args.data)
+    dataset = load_data(args.data)
+    loaded = load_model(args.model, device=args.device)
+    scores = attribute(
+        loaded, dataset, args.method, args.steps, args.batch_size, args.positions, progress=stderr_progress
+    )
+    scores.save(args.out)
+    return {
+        "out": args.out,
+        "method": scores.method,
+        "steps": scores.steps,
+        "positions": scores.positions,
+        "n_examples": scores.n_examples,
+        "seconds": round(scores.seconds, 3),
+        "forward_passes": scores.forward_passes,
+        "backward_passes": scores.backward_passes,
+        "loglik": scores.loglik,
+        "layer_sums": [float(s.sum()) for s in scores.layers],
+        "layer_max": [float(s.max()) for s in scores.layers],
+    }
+
+
+def _mask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--forget-scores", required=True, help="scores file from `attribute` on the forget set")
+    p.add_argument("--retain-scores", default=None, help="scores file on the retain set (for dual neurons)")
+    p.add_argument("--rule", default="layer_threshold", help="layer_threshold (default), global_top, layer_top, ...")
+    p.add_argument("--value", type=float, required=True, help="threshold t, percent, or count k (per rule)")
+    p.add_argument("--dual", default="include", help="dual neurons: include (default) or exclude")
+    p.add_argument("--score", default="forget", help="forget (default) or forget_minus_retain")
+    p.add_argument("--random-seed", type=int, default=None, help="write a random mask with the same counts instead")
+    p.add_argument("--model", default=None, help="model spec, to check the scores fit it and count parameters")
+    p.add_argument("--mlp", default="down", help="trainable MLP part per neuron: down (default) or down_up")
+    p.add_argument("--attention", action="store_true", help="count attention projections as trainable too")
+    p.add_argument("--out", required=True, help="output mask file (.safetensors; a .json sidecar is written too)")
+
+
+@command("mask", "select critical neurons from scores (SIMU stage 1)", _mask_args)
+def mask_cmd(args: argparse.Namespace) -> dict:
+    from simu_core.attribution import NeuronScores
+    from simu_core.masks import check_mask_fits, make_mask, random_mask_like, trainable_fraction
+
+    forget = NeuronScores.load(args.forget_scores)
+    retain = NeuronScores.load(args.retain_scores) if args.retain_scores else None
+    value = int(args.value) if args.rule == "layer_top" and args.value == int(args.value) else args.value
+    mask = make_mask(forget, args.rule, value, retain=retain, dual=args.dual, score=args.score)
+    if args.random_seed is not None:
+        mask = random_mask_like(mask, args.random_seed)
+    counts = forget.counts()
+    if args.model:
+        from simu_core.models import load_model
+
+        ensure_builtin_for(args.model)
+        model = load_model(args.model, device="cpu").model
+        check_mask_fits(mask, model, "score file")
+        counts = model
+    mask.save(args.out)
+    summary = {"out": args.out, **mask.summary()}
+    if counts is not None:
+        summary["trainable_fraction"] = trainable_fraction(mask, counts, args.mlp, args.attention)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# connect (mode connectivity)
+# --------------------------------------------------------------------------------------------
+
+
+def _connect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--a", required=True, help="endpoint A: a model spec or a run folder")
+    p.add_argument("--b", required=True, help="endpoint B: a model spec or a run folder")
+    p.add_argument("--curve", choices=("linear", "bezier", "chain"), default="linear", help="path shape")
+    p.add_argument("--points", type=int, default=21, help="points along t in [0, 1] (default 21)")
+    p.add_argument("--fit-steps", type=int, default=200, help="bend fitting steps for bezier/chain (default 200)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the bend (default 1e-2)")
+    p.add_argument("--forget", default="builtin:forget10", help="forget data spec (default builtin:forget10)")
+    p.add_argument("--retain", default="builtin:retain10", help="retain data spec (default builtin:retain10)")
+    p.add_argument("--retain-sample", type=int, default=200, help="seeded retain subset size, 0 = all (default 200)")
+    p.add_argument("--rouge", action="store_true", help="also ROUGE-L recall of greedy answers along the path (slow)")
+    p.add_argument("--no-linear", action="store_true", help="for bezier/chain, skip evaluating the linear path too")
+    p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the retain sample and the fit (default 0)")
+    p.add_argument("--out", required=True, help="JSON file for the result (losses along the path, barrier, config)")
+    p.add_argument("--html", default=None, help="also write the plotly figure to this HTML file")
+
+
+@command("connect", "loss along a linear / Bezier / chain path between two models", _connect_args)
+def connect_cmd(args: argparse.Namespace) -> dict:
+    from simu_core.connectivity import ConnectConfig, FitConfig, check_endpoint, connect, path_figure
+
+    for spec in (args.a, args.b):
+        check_endpoint(spec)  # before any build: a typo fails at once
+    ensure_builtin_for(args.a, args.b, args.forget, args.retain)
+    config = ConnectConfig(
+        a=args.a,
+        b=args.b,
+        curve=args.curve,
+        points=args.points,
+        fit=FitConfig(steps=args.fit_steps, lr=args.lr, seed=args.seed),
+        forget=args.forget,
+        retain=args.retain,
+        retain_sample=args.retain_sample,
+        rouge=args.rouge,
+        compare_linear=not args.no_linear,
+        device=args.device,
+    )
+    result = connect(config, out=args.out, progress=stderr_progress)
+    if args.html:
+        path_figure(result).write_html(args.html, include_plotlyjs=True)
+    summary = {"out": args.out, "curve": result.curve, "points": len(result.ts), "barrier": result.barrier}
+    summary["mean_loss"] = result.mean_loss
+    if result.linear is not None:
+        summary["linear_mean_loss"] = result.linear.mean_loss
+        summary["linear_barrier"] = result.linear.barrier
+    summary.update(carried_bytes=result.carried_bytes, seconds=result.total_seconds, html=args.html)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate (metrics and the before/after report)
+# --------------------------------------------------------------------------------------------
+
+_EVAL_HEADLINE = ("forget_quality", "model_utility", "privleak", "mia_score", "perplexity", "forget/rouge_l")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model spec; with --run: the 'before' model (default: run's base)")
+    p.add_argument("--run", default=None, help="run folder: its model (after) beside its base (before)")
+    p.add_argument("--data", default=None, help="forget set spec (default: the run's, else builtin:forget10)")
+    p.add_argument("--retain", default=None, help="retain set (default: matching builtin:retainXX; 'none' drops it)")
+    p.add_argument("--holdout", default=None, help="holdout set spec (default: builtin:holdout; 'none' drops it)")
+    p.add_argument("--world-facts", default=None, help="general facts (default: builtin:world_facts; 'none' drops it)")
+    p.add_argument("--reference", default=None, help="retain reference model (default: builtin:retainXX)")
+    p.add_argument("--out", default=None, help="metrics JSON (default RUN/metrics.json); report.html beside it")
+    p.add_argument("--max-items", type=int, default=400, help="seeded sample per split, 0 = every item (default 400)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="greedy generation length (default 48)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per forward (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-split sample (default 0)")
+    p.add_argument("--no-before", action="store_true", help="with --run: do not evaluate the base model")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+
+
+@command("evaluate", "metrics (forget quality, utility, MIA, ...) and report.html, before and after", _evaluate_args)
+def evaluate_cmd(args: argparse.Namespace) -> dict:
+    from simu_core.metrics import EvalConfig, builtin_companions, evaluate_specs
+
+    given = {"retain": args.retain, "holdout": args.holdout, "world_facts": args.world_facts}
+    companions = {k: (None if v.lower() == "none" else v) for k, v in given.items() if v}
+    specs = {**builtin_companions(args.data or "builtin:forget10"), **companions}
+    ensure_builtin_for(args.model, args.reference, *specs.values())
+    config = EvalConfig(max_items=args.max_items or None, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    files = evaluate_specs(args.model, args.run, args.data, args.reference, args.out, config, args.device,
+                           companions, before=not args.no_before, progress=stderr_progress)  # fmt: skip
+    summary = {"out": str(files.metrics_path), "html": str(files.html_path), "model": files.after.model,
+               "reference": files.after.reference}  # fmt: skip
+    summary.update({k: files.after.summary.get(k) for k in _EVAL_HEADLINE})
+    if files.before is not None:
+        summary["before"] = {"model": files.before.model, **{k: files.before.summary.get(k) for k in _EVAL_HEADLINE}}
+    summary.update(skipped=files.after.skipped, seconds=files.after.seconds["total"])
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# unlearn (SIMU stage 2 and baselines)
+# --------------------------------------------------------------------------------------------
+
+
+def _unlearn_args(p: argparse.ArgumentParser) -> None:
+    from simu_core.unlearn import METHODS
+
+    p.add_argument("--model", default="builtin:full", help="model spec (default builtin:full)")
+    p.add_argument("--forget", default="builtin:forget10", help="forget data spec (default builtin:forget10)")
+    p.add_argument("--retain", default="builtin:retain10", help="retain data spec, or 'none' (default builtin:retain10)")
+    p.add_argument("--method", default="simu", choices=list(METHODS), help="unlearning method (default simu)")
+    p.add_argument("--mask", default=None, help="neuron mask file from `mask` (simu/random_mask; else computed)")
+    for name, kind, text in [("mask-method", str, "attribution method (simu_ig, grad_x_act, ...)"),
+                             ("mask-steps", int, "attribution steps m"), ("mask-rule", str, "selection rule"),
+                             ("mask-value", float, "rule setting (threshold t, percent, k)"),
+                             ("mask-dual", str, "dual neurons: include or exclude"),
+                             ("mask-score", str, "forget or forget_minus_retain")]:  # fmt: skip
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the method's preset)")
+    for name, kind, text in [("steps", int, "optimiser steps"), ("lr", float, "learning rate"),
+                             ("gamma", float, "retain weight"), ("batch-size", int, "forget batch size"),
+                             ("retain-batch-size", int, "retain batch size"), ("rho", float, "Sophia's rho"),
+                             ("weight-decay", float, "decoupled weight decay"),
+                             ("estimator", str, "Sophia curvature: gnb, hutchinson or sqgrad"),
+                             ("hessian-interval", int, "curvature refresh interval k"),
+                             ("mlp-parts", str, "SIMU's MLP part: down or down_up"),
+                             ("stop-forget-em", float, "stop when forget exact match <= this"),
+                             ("stop-forget-loss", float, "stop when forget NLL >= this"),
+                             ("stop-forget-rouge", float, "stop when forget ROUGE-L recall <= this"),
+                             ("seed", int, "seed"), ("max-memory-gb", float, "refuse runs needing more memory")]:  # fmt: skip
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the method's preset)")
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="train attention projections in SIMU (default: the preset)")  # fmt: skip
+    p.add_argument("--no-early-stop", action="store_true", help="run all steps (ignore the preset's forget target)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--runs-dir", default=None, help="where run folders go (default $SIMU_HOME/runs)")
+
+
+@command("unlearn", "unlearn a forget set (SIMU, SOUL, GradDiff, GA, NPO, random-mask control)", _unlearn_args)
+def unlearn_cmd(args: argparse.Namespace) -> dict:
+    import signal
+    import threading
+
+    from simu_core.runs import run_unlearning
+    from simu_core.unlearn import preset_config
+
+    retain = None if (args.retain or "").lower() == "none" else args.retain
+    ensure_builtin_for(args.model, args.forget, retain)
+    mask = {k: getattr(args, f"mask_{k}") for k in ("method", "steps", "rule", "value", "dual", "score")}
+    names = ("steps", "lr", "gamma", "batch_size", "retain_batch_size", "rho", "weight_decay", "estimator",
+             "hessian_interval", "mlp_parts", "stop_forget_em", "stop_forget_loss", "stop_forget_rouge", "seed",
+             "max_memory_gb",
+             "attention", "device")  # fmt: skip
+    config = preset_config(args.method, model=args.model, forget=args.forget, retain=retain or "",
+                           mask={k: v for k, v in mask.items() if v is not None}, mask_file=args.mask,
+                           **{k: getattr(args, k) for k in names})  # fmt: skip
+    if args.no_early_stop:
+        config.stop_forget_em = config.stop_forget_loss = config.stop_forget_rouge = None
+
+    def progress(record) -> None:
+        if record.step % 10 == 0 or record.step == record.steps or record.forget_em is not None:
+            em = "" if record.forget_em is None else f", forget EM {record.forget_em:.3f}"
+            stderr_progress(f"step {record.step}: forget {record.forget_loss:.3f}, retain {record.retain_loss or 0:.3f}"
+                            f"{em}, ETA {record.eta:.0f}s", record.step / record.steps)  # fmt: skip
+
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop and save as cancelled
+    try:
+        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result.status == "failed":
+        raise SimuError(f"{result.error} (run saved, marked failed: {run_dir})")
+    return {"run_dir": str(run_dir), **result.summary()}
+
+
+# --------------------------------------------------------------------------------------------
+# bench quality (the method comparison table)
+# --------------------------------------------------------------------------------------------
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=("quality",), help="quality: every method at its preset, evaluated (resumable)")
+    p.add_argument("--splits", default="forget01,forget05,forget10", help="comma-separated forget splits")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: all six)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds per cell (default 3)")
+    p.add_argument("--first-seed", type=int, default=1, help="first seed (default 1; presets were tuned with 0)")
+    p.add_argument("--max-items", type=int, default=200, help="evaluated items per split, 0 = all (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length (default 32)")
+    p.add_argument("--steps", type=int, default=None, help="override every preset's steps (smoke tests only)")
+    p.add_argument("--size", choices=("default", "large"), default=None,
+                   help="built-in size (default: $SIMU_BUILTIN_SIZE, else default); large wants a GPU")  # fmt: skip
+    p.add_argument("--root", default=None, help="a built-in cache folder to use instead of --size's")
+    p.add_argument("--out", default="results", help="results folder (default results/)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
+
+
+@command("bench", "benchmarks: `bench quality` runs the method comparison table (resumable)", _bench_args)
+def bench_cmd(args: argparse.Namespace) -> dict:
+    import torch
+
+    from simu_core.benchmark import QUALITY_METHODS, QualityConfig, ensure_size, run_quality
+    from simu_core.metrics import EvalConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.seeds < 1:
+        raise SimuError(f"--seeds must be >= 1 (got {args.seeds}).")
+    root = args.root or ensure_size(args.size, stderr_progress)
+    methods = args.methods.split(",") if args.methods else list(QUALITY_METHODS)
+    qc = QualityConfig(
+        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+        methods=[m.strip() for m in methods if m.strip()],
+        seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
+        eval=EvalConfig(max_items=args.max_items or None, max_new_tokens=args.max_new_tokens),
+        overrides={"steps": args.steps} if args.steps else {},
+        root=str(root),
+        out=args.out,
+        device=args.device,
+    )
+    result = run_quality(qc, stderr_progress, fresh=args.fresh)
+    return {**result.files, "computed": len(result.computed), "skipped": len(result.skipped),
+            "seconds": round(result.seconds, 1)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

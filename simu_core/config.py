@@ -23,9 +23,23 @@ def simu_home() -> Path:
     return Path(cache) / "simu-studio"
 
 
-def builtin_root() -> Path:
-    """Where the built-in default is cached: $SIMU_HOME/builtin."""
-    return simu_home() / "builtin"
+BUILTIN_SIZES = ("default", "large")
+
+
+def builtin_size(size: str | None = None) -> str:
+    """The built-in size in use: `size` if given, else $SIMU_BUILTIN_SIZE, else "default"."""
+    size = size or os.environ.get("SIMU_BUILTIN_SIZE") or "default"
+    if size not in BUILTIN_SIZES:
+        from simu_core.errors import SimuError
+
+        raise SimuError(f"unknown built-in size '{size}'. Choose one of: {', '.join(BUILTIN_SIZES)}.")
+    return size
+
+
+def builtin_root(size: str | None = None) -> Path:
+    """Where the built-in default is cached: $SIMU_HOME/builtin ($SIMU_HOME/builtin-large for size "large")."""
+    size = builtin_size(size)
+    return simu_home() / ("builtin" if size == "default" else f"builtin-{size}")
 
 
 def to_dict(config: Any) -> dict:
@@ -55,7 +69,7 @@ class TinyModelConfig:
 class TrainConfig:
     """How the built-in models are trained (AdamW, cosine decay, loss on answer tokens only)."""
 
-    epochs: int = 14
+    epochs: int = 18
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -79,3 +93,93 @@ class BuiltinConfig:
             model=from_dict(TinyModelConfig, data.get("model", {})),
             train=from_dict(TrainConfig, data.get("train", {})),
         )
+
+
+def builtin_config(size: str | None = None) -> BuiltinConfig:
+    """The built-in config of a size (see `builtin_size`).
+
+    "default": 200 authors, the 1.2M-parameter Llama (CPU friendly). "large": 1000 authors and an
+    ~82M-parameter Llama (8 layers, d=768, d_ff=3072, 12 heads, vocab <= 8192) for machines with a GPU,
+    where localisation has room to work; its recipe is untested on CPU (hours there).
+    """
+    if builtin_size(size) == "large":
+        return BuiltinConfig(
+            n_authors=1000,
+            model=TinyModelConfig(n_layers=8, d_model=768, d_ff=3072, n_heads=12, vocab_size=8192, max_positions=128),
+            train=TrainConfig(epochs=30, batch_size=64, lr=5e-4, weight_decay=0.0, warmup_steps=200),
+        )
+    return BuiltinConfig()
+
+
+@dataclass
+class MaskConfig:
+    """How the `simu` method makes its neuron mask when none is given (see `attribution`, `masks`).
+
+    `method`/`steps`: attribution method and IG steps m; `rule`/`value`: selection rule and its setting
+    (threshold t, percent or k); `dual`: include/exclude neurons critical for forget and retain;
+    `score`: `forget` or `forget_minus_retain`; `retain_limit`: retain items used for retain scores.
+    """
+
+    method: str = "simu_ig"
+    steps: int = 5
+    rule: str = "layer_threshold"
+    value: float = 0.3
+    dual: str = "include"
+    score: str = "forget"
+    retain_limit: int = 400
+
+
+@dataclass
+class UnlearnConfig:
+    """Every setting of one unlearning run (saved as the run's config.json).
+
+    Learning rates are per optimiser step; losses are in nats per answer token. `gamma` weighs the
+    retain term; `rho`, `betas`, `eps`, `hessian_interval` (k; `sqgrad` refreshes every step) and
+    `estimator` are Sophia's; `attention` / `mlp_parts` ("down" or "down_up") choose SIMU's trainable
+    set. Training stops early once every target set is met: the forget set's greedy exact match falls
+    to `stop_forget_em`, its greedy ROUGE-L recall to `stop_forget_rouge`, its NLL rises to
+    `stop_forget_loss` (checked every `eval_every` steps). It fails when the retain loss rises
+    `collapse_margin` nats above its start or greedy answers on retain probes degenerate.
+    """
+
+    method: str = "simu"
+    model: str = "builtin:full"
+    forget: str = "builtin:forget10"
+    retain: str = "builtin:retain10"
+    loss: str = "graddiff"
+    optimizer: str = "sophia"
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 32
+    retain_batch_size: int = 32
+    gamma: float = 1.0
+    npo_beta: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    rho: float = 0.04
+    weight_decay: float = 0.0
+    eps: float = 1e-12
+    estimator: str = "gnb"
+    hessian_interval: int = 10
+    max_grad_norm: float | None = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    attention: bool = True
+    mlp_parts: str = "down"
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    mask_file: str | None = None
+    stop_forget_em: float | None = None
+    stop_forget_loss: float | None = None
+    stop_forget_rouge: float | None = None
+    eval_every: int = 10
+    collapse_margin: float = 5.0
+    probe_every: int = 25
+    seed: int = 0
+    device: str | None = None
+    max_memory_gb: float | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> UnlearnConfig:
+        config = from_dict(cls, {k: v for k, v in data.items() if k != "mask"})
+        config.mask = from_dict(MaskConfig, data.get("mask", {}))
+        config.betas = tuple(config.betas)
+        return config

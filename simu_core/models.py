@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from simu_core import data as qa
-from simu_core.config import BuiltinConfig, TrainConfig, builtin_root, to_dict
+from simu_core.config import BuiltinConfig, TrainConfig, builtin_config, builtin_root, to_dict
 from simu_core.errors import SimuError
 
 BUILTIN_MODELS = ("full", *(f"retain{p:02d}" for p in qa.FORGET_PERCENTS))
 MANIFEST_NAME = "manifest.json"
 # Bump when the generator or the training recipe changes, so old caches count as stale.
-BUILTIN_FORMAT = 2  # 2: perturbed answers in the paraphrase's wording (TOFU)
+BUILTIN_FORMAT = 3  # 2: perturbed answers in the paraphrase wording (TOFU); 3: unbucketed batches
 SIMU_JSON = "simu.json"
 
 Progress = Callable[[str, float], None]  # (message, fraction done in [0, 1])
@@ -272,6 +272,7 @@ def train_lm(
     """
     torch.manual_seed(seed)
     model.train()
+    device = next(model.parameters()).device  # batches follow the model (GPU for the large built-in)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -285,10 +286,8 @@ def train_lm(
     epoch_losses = []
     for epoch in range(cfg.epochs):
         losses = []
-        for batch in qa.iter_batches(
-            examples, cfg.batch_size, pad_id, shuffle=True, seed=seed * 1000 + epoch, bucket=8
-        ):
-            loss = model(**batch).loss
+        for batch in qa.iter_batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=seed * 1000 + epoch):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -364,19 +363,26 @@ def _save_model(model: nn.Module, tokenizer, folder: Path, info: dict) -> None:
 
 
 def build_default(
-    out: str | Path | None = None, config: BuiltinConfig | None = None, progress: Progress = _no_progress
+    out: str | Path | None = None,
+    config: BuiltinConfig | None = None,
+    progress: Progress = _no_progress,
+    device: str | None = None,
 ) -> dict:
     """Build the built-in benchmark and models into `out` (default `builtin_root()`).
 
     Everything is built in a temporary sibling folder that replaces `out` only once complete
     (the manifest is written last), so a half-built cache is never taken for a good one.
-    Returns the manifest: config, versions, file hashes, exact-match scores, seconds.
+    Returns the manifest: config, versions, file hashes, exact-match scores, seconds, device.
+    `config` defaults to `builtin_config()` (the size $SIMU_BUILTIN_SIZE names); training runs on
+    `device` (default: the best available).
     """
     out = Path(out or builtin_root())
-    config = config or BuiltinConfig()
+    config = config or builtin_config()  # the size named by $SIMU_BUILTIN_SIZE
+    device = pick_device(device)
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    _remove_abandoned_builds(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
         splits = qa.generate_benchmark(config.n_authors, config.seed)
         (tmp / "data").mkdir()
@@ -395,7 +401,7 @@ def build_default(
         for i, name in enumerate(BUILTIN_MODELS):
             train_items = splits[name] + splits["world_facts"]
             examples = qa.encode_dataset(tokenizer, fmt, qa.QADataset(name, train_items))
-            model = make_tiny_llama(config, tokenizer)
+            model = make_tiny_llama(config, tokenizer).to(device)
 
             def report(message: str, fraction: float, i: int = i, name: str = name) -> None:
                 progress(
@@ -422,6 +428,7 @@ def build_default(
             "versions": _versions(),
             "exact_match": scores,
             "seconds": round(time.perf_counter() - start, 1),
+            "device": str(device),
             "files": _hash_tree(tmp),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -431,6 +438,24 @@ def build_default(
         raise
     progress("built-in default ready", 1.0)
     return manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned_builds(out: Path) -> None:
+    """Delete temporary build folders left by killed builds (their process is gone)."""
+    for folder in out.parent.glob(f".{out.name}.building-*"):
+        pid = folder.name.split("-")[1]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -143,3 +143,15 @@ def test_cli_build_default_json_summary(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and summary["built"] and set(summary["exact_match"]) >= {"full/full", "retain10/forget10"}
     assert (tmp_path / "b" / "data" / "holdout.jsonl").exists()
+
+
+def test_folders_of_killed_builds_are_cleaned_up_but_running_ones_kept(tmp_path):
+    import os
+
+    dead = tmp_path / ".builtin.building-abc"  # old name without a pid: abandoned
+    dead_pid = tmp_path / ".builtin.building-999999999-x"
+    alive = tmp_path / f".builtin.building-{os.getpid()}-y"
+    for folder in (dead, dead_pid, alive):
+        folder.mkdir()
+    models._remove_abandoned_builds(tmp_path / "builtin")
+    assert not dead.exists() and not dead_pid.exists() and alive.exists()

@@ -1,0 +1,647 @@
+"""The quality benchmark: every unlearning method at its preset on the built-in benchmark.
+
+A *cell* is one (split, method, seed): unlearn `builtin:<split>` (retain: the matching
+`builtin:retainXX`) from `builtin:full` with the method's preset and the cell's seed, then evaluate
+the result with the metrics suite (`metrics.evaluate`: forget, retain, holdout and world-facts
+splits, the retain reference model as the gold standard). Per split there are two reference rows:
+the original model (`original`) and the retain reference itself (`retain_reference`, forget
+quality 1 by definition).
+
+Resumable: each finished cell is written at once to `<out>/quality/cells/<split>__<method>__seed<N>.json`
+(atomically) with a key that hashes everything that determines it (unlearning config, evaluation
+config, fingerprints of the base and reference models); a later run skips cells whose file carries
+the current key and recomputes the others (changed presets or a rebuilt model make old cells stale).
+
+Outputs (`run_quality`): `<out>/quality.json` (settings, every cell record, mean/std per split x
+method), `<out>/quality.md` (the table and a matched-efficacy verdict) and `<out>/quality.html`
+(self-contained plotly figures: forget quality vs model utility, forget EM vs retain EM, one point
+per run, the two reference rows as reference points).
+
+The presets were tuned with seed `TUNING_SEED` (0); the table uses other seeds (1, 2, 3 by default).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simu_core import data as qa
+from simu_core.config import to_dict
+from simu_core.errors import SimuError
+from simu_core.metrics import EvalConfig, Report, builtin_companions, default_reference, evaluate
+
+QUALITY_METHODS = ("simu", "so_graddiff", "fo_graddiff", "ga", "npo", "random_mask")
+QUALITY_SPLITS = ("forget01", "forget05", "forget10")
+REFERENCE_ROWS = ("original", "retain_reference")
+TUNING_SEED = 0  # the seed the presets in simu_core/unlearn.py were tuned with
+BENCH_FORMAT = 1  # bump when a cell's meaning changes, so old cell files count as stale
+
+# (flat summary key, column title, digits) of the Markdown table; goals come from metrics.goal_of.
+TABLE_COLUMNS = (
+    ("forget/exact_match", "forget EM ↓", 3),
+    ("forget/rouge_l", "forget ROUGE-L ↓", 3),
+    ("log10_forget_quality", "log10 forget quality ↑", 2),
+    ("model_utility", "model utility ↑", 3),
+    ("retain/exact_match", "retain EM ↑", 3),
+    ("retain/rouge_l", "retain ROUGE-L ↑", 3),
+    ("world_facts/exact_match", "world facts EM ↑", 3),
+    ("privleak", "PrivLeak (→0)", 1),
+    ("steps_done", "steps", 0),
+    ("unlearn_seconds", "unlearn s", 1),
+)
+MATCH_TOLERANCE = 0.05  # forget EM above the best method's by at most this counts as "matched efficacy"
+
+Progress = Callable[[str, float], None]
+
+
+def _no_progress(message: str, fraction: float) -> None:
+    pass
+
+
+@dataclass
+class QualityConfig:
+    """What the quality table covers and how it is evaluated.
+
+    `seeds`: unlearning seeds of the cells (never `TUNING_SEED` by default); `overrides`: settings
+    applied on top of every method's preset (e.g. {"steps": 2} for a smoke test; they enter each
+    cell's key); `root`: the built-in cache folder (None: $SIMU_HOME/builtin); `out`: where the
+    results go; `device`: unlearning and evaluation device (None: best available).
+    """
+
+    splits: list[str] = field(default_factory=lambda: list(QUALITY_SPLITS))
+    methods: list[str] = field(default_factory=lambda: list(QUALITY_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_items=200, max_new_tokens=32))
+    overrides: dict = field(default_factory=dict)
+    root: str | None = None
+    out: str = "results"
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One entry of the table: a split, a method (or a reference row) and a seed (None for references)."""
+
+    split: str
+    method: str
+    seed: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}__{self.method}" + ("" if self.seed is None else f"__seed{self.seed}")
+
+
+@dataclass
+class QualityResult:
+    """What `run_quality` did: the records (one per cell, references included), what it computed
+    and skipped, the aggregate, and the files written."""
+
+    records: list[dict]
+    computed: list[str]
+    skipped: list[str]
+    aggregate: dict
+    files: dict[str, str]
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# Cells: config, key, file
+# --------------------------------------------------------------------------------------------
+
+
+def split_percent(split: str) -> str:
+    """'forget05' -> '05' (SimuError for anything that is not a built-in forget split)."""
+    if split not in {f"forget{p:02d}" for p in qa.FORGET_PERCENTS}:
+        raise SimuError(f"unknown split '{split}'. Choose from: {', '.join(QUALITY_SPLITS)}.")
+    return split.removeprefix("forget")
+
+
+def cell_config(cell: Cell, qc: QualityConfig):
+    """The `UnlearnConfig` of a method cell: the method's preset, the split's data, the cell's seed."""
+    from simu_core.unlearn import preset_config
+
+    return preset_config(
+        cell.method,
+        **{
+            **qc.overrides,
+            "model": "builtin:full",
+            "forget": f"builtin:{cell.split}",
+            "retain": f"builtin:retain{split_percent(cell.split)}",
+            "seed": cell.seed,
+            "device": qc.device,
+        },
+    )
+
+
+def cell_key(cell: Cell, qc: QualityConfig, fingerprints: dict[str, str]) -> str:
+    """sha256 over everything that determines a cell's numbers (config, eval settings, models)."""
+    unlearn = to_dict(cell_config(cell, qc)) if cell.seed is not None else None
+    payload = {"format": BENCH_FORMAT, "cell": cell.name, "unlearn": unlearn, "eval": to_dict(qc.eval),
+               "models": fingerprints}  # fmt: skip
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cells_dir(out: str | Path) -> Path:
+    return Path(out) / "quality" / "cells"
+
+
+def read_cell(out: str | Path, cell: Cell) -> dict | None:
+    """The stored record of `cell`, or None when there is none (or it cannot be read)."""
+    path = cells_dir(out) / f"{cell.name}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_cell(out: str | Path, record: dict) -> Path:
+    """Write one cell record atomically (an interrupted run never leaves a half-written cell)."""
+    from simu_core.runs import write_json_atomic
+
+    folder = cells_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{record['cell']}.json"
+    write_json_atomic(path, record)
+    return path
+
+
+def plan_cells(qc: QualityConfig) -> list[Cell]:
+    """Reference rows first, then every split x method x seed, split by split."""
+    for split in qc.splits:
+        split_percent(split)
+    from simu_core.unlearn import get_method
+
+    for method in qc.methods:
+        get_method(method)
+    cells = []
+    for split in qc.splits:
+        cells += [Cell(split, row) for row in REFERENCE_ROWS]
+        cells += [Cell(split, method, seed) for method in qc.methods for seed in qc.seeds]
+    return cells
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class _Context:
+    """Models, data and reference reports of one `run_quality` call, loaded lazily and shared by cells."""
+
+    def __init__(self, qc: QualityConfig, progress: Progress):
+        from simu_core.models import load_model
+        from simu_core.runs import model_fingerprint
+
+        self.qc, self.progress = qc, progress
+        self.base = load_model("builtin:full", device=qc.device, dtype=torch.float32, root=qc.root)
+        self.fingerprints = {"builtin:full": model_fingerprint(self.base.model)}
+        self._refs: dict[str, object] = {}
+        self._ref_reports: dict[str, Report] = {}
+        self._data: dict[str, dict[str, qa.QADataset]] = {}
+        self._masks: dict[tuple[str, str], object] = {}
+
+    def reference(self, split: str):
+        """The retain reference model of `split` (builtin:retainXX), float32."""
+        from simu_core.models import load_model
+        from simu_core.runs import model_fingerprint
+
+        spec = default_reference("builtin:full", f"builtin:{split}")
+        if spec not in self._refs:
+            self._refs[spec] = load_model(spec, device=self.qc.device, dtype=torch.float32, root=self.qc.root)
+            self.fingerprints[spec] = model_fingerprint(self._refs[spec].model)
+        return self._refs[spec]
+
+    def fingerprints_for(self, split: str) -> dict[str, str]:
+        self.reference(split)
+        spec = default_reference("builtin:full", f"builtin:{split}")
+        return {"builtin:full": self.fingerprints["builtin:full"], spec: self.fingerprints[spec]}
+
+    def datasets(self, split: str) -> dict[str, qa.QADataset]:
+        """forget / retain / holdout / world_facts for `split`."""
+        if split not in self._data:
+            specs = builtin_companions(f"builtin:{split}")
+            self._data[split] = {role: qa.load_data(spec, root=self.qc.root) for role, spec in specs.items()}
+        return self._data[split]
+
+    def reference_report(self, split: str) -> Report:
+        """The retain reference evaluated against itself: its row, and the reference every cell is scored against."""
+        if split not in self._ref_reports:
+            ref = self.reference(split)
+            self._ref_reports[split] = evaluate(ref, self.datasets(split), ref, self.qc.eval)
+        return self._ref_reports[split]
+
+    def mask(self, split: str, config):
+        """SIMU's selected mask for `split` (attribution runs once per split and mask setting)."""
+        from simu_core.unlearn import compute_mask
+
+        key = (split, json.dumps(to_dict(config.mask), sort_keys=True))
+        if key not in self._masks:
+            data = self.datasets(split)
+            self._masks[key] = compute_mask(self.base, data["forget"], data["retain"], config.mask)
+        return self._masks[key]
+
+
+def _record(cell: Cell, key: str, report: Report, extra: dict) -> dict:
+    summary = dict(report.summary)
+    fq = summary.get("forget_quality")
+    summary["log10_forget_quality"] = math.log10(max(fq, 1e-300)) if fq is not None else None
+    return _json_safe({
+        "cell": cell.name, "split": cell.split, "method": cell.method, "seed": cell.seed, "key": key,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": summary, "eval_seconds": report.seconds.get("total"), **extra,
+    })  # fmt: skip
+
+
+def run_reference_cell(cell: Cell, ctx: _Context, key: str) -> dict:
+    """Evaluate the original model or the retain reference of `cell.split`."""
+    ref_report = ctx.reference_report(cell.split)
+    if cell.method == "retain_reference":
+        report = ref_report
+        model = ctx.reference(cell.split).spec
+    else:
+        report = evaluate(ctx.base, ctx.datasets(cell.split), ref_report, ctx.qc.eval)
+        model = ctx.base.spec
+    extra = {"status": "ok", "model": model, "steps_done": 0, "unlearn_seconds": 0.0}
+    return _record(cell, key, report, extra)
+
+
+def run_method_cell(cell: Cell, ctx: _Context, key: str) -> dict:
+    """Unlearn at the preset with the cell's seed, then evaluate against the retain reference."""
+    from simu_core.unlearn import get_method, unlearn
+
+    config = cell_config(cell, ctx.qc)
+    data = ctx.datasets(cell.split)
+    mask = ctx.mask(cell.split, config) if get_method(cell.method).mask is not None else None
+    result = unlearn(ctx.base, data["forget"], data["retain"], config, mask=mask)
+    summary = result.summary()
+    report = evaluate(result.model, data, ctx.reference_report(cell.split), ctx.qc.eval)
+    extra = {
+        "status": result.status, "stop_reason": result.stop_reason, "error": result.error,
+        "steps_done": summary["steps_done"], "unlearn_seconds": summary["seconds"],
+        "train_forget_em": summary["forget_em"], "mask_neurons": summary["mask_neurons"],
+        "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+        "device": summary["device"], "config": to_dict(config),
+    }  # fmt: skip
+    del result
+    return _record(cell, key, report, extra)
+
+
+def run_quality(qc: QualityConfig, progress: Progress = _no_progress, fresh: bool = False) -> QualityResult:
+    """Run (or resume) the quality table and write quality.json / quality.md / quality.html under `qc.out`.
+
+    Cells whose stored record carries the current key are skipped unless `fresh`. `progress`
+    receives one line per cell (with an ETA) and its fraction of the cells done.
+    """
+    start = time.perf_counter()
+    cells = plan_cells(qc)
+    progress(f"loading models and data ({len(cells)} cells)", 0.0)
+    ctx = _Context(qc, progress)
+    records, computed, skipped = [], [], []
+    spent: list[float] = []
+    for i, cell in enumerate(cells):
+        key = cell_key(cell, qc, ctx.fingerprints_for(cell.split))
+        stored = None if fresh else read_cell(qc.out, cell)
+        if stored is not None and stored.get("key") == key:
+            records.append(stored)
+            skipped.append(cell.name)
+            progress(f"[{i + 1}/{len(cells)}] {cell.name}: done before, skipped", (i + 1) / len(cells))
+            continue
+        t0 = time.perf_counter()
+        run = run_reference_cell if cell.seed is None else run_method_cell
+        record = run(cell, ctx, key)
+        write_cell(qc.out, record)
+        records.append(record)
+        computed.append(cell.name)
+        spent.append(time.perf_counter() - t0)
+        left = sum(1 for c in cells[i + 1 :] if c.seed is not None)
+        eta = left * float(np.mean(spent[-6:]))
+        m = record["metrics"]
+        progress(
+            f"[{i + 1}/{len(cells)}] {cell.name}: {record['status']} ({record.get('stop_reason') or '-'}, "
+            f"{record['steps_done']} steps, {spent[-1]:.0f} s); forget EM {_fmt(m.get('forget/exact_match'), 3)}, "
+            f"utility {_fmt(m.get('model_utility'), 3)}; ETA {eta / 60:.1f} min",
+            (i + 1) / len(cells),
+        )
+    aggregate = aggregate_records(records)
+    meta = describe_run(qc, time.perf_counter() - start)
+    files = write_outputs(qc.out, records, aggregate, meta, qc)
+    return QualityResult(records, computed, skipped, aggregate, files, time.perf_counter() - start)
+
+
+def describe_run(qc: QualityConfig, seconds: float) -> dict:
+    """Settings, versions and machine of this run (saved in quality.json and printed in the Markdown)."""
+    import transformers
+
+    from simu_core.models import read_manifest, resolve_model_source
+
+    device = torch.device(qc.device) if qc.device else None
+    if device is None:
+        from simu_core.models import pick_device
+
+        device = pick_device()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    manifest = read_manifest(Path(resolve_model_source("builtin:full", qc.root)).parents[1]) or {}
+    return {
+        "command": "python -m simu_core " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
+        "splits": qc.splits, "methods": qc.methods, "seeds": qc.seeds, "tuning_seed": TUNING_SEED,
+        "eval": to_dict(qc.eval), "overrides": qc.overrides,
+        "builtin": {"n_authors": manifest.get("config", {}).get("n_authors"),
+                    "model": manifest.get("config", {}).get("model"), "exact_match": manifest.get("exact_match")},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "machine": {"device": str(device), "gpu": gpu, "cpu": platform.processor() or platform.machine(),
+                    "cpu_count": _cpu_count(), "torch_threads": torch.get_num_threads(), "os": platform.platform()},
+        "preset_notes": _preset_notes(),
+        "seconds": round(seconds, 1),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def _preset_notes() -> str | None:
+    from simu_core import unlearn
+
+    return getattr(unlearn, "PRESET_NOTES", None)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def _value(record: dict, metric: str) -> float | None:
+    if metric in record.get("metrics", {}):
+        return record["metrics"][metric]
+    return record.get(metric)
+
+
+def aggregate_records(records: Sequence[dict], metrics: Sequence[str] | None = None) -> dict:
+    """Mean and sample std (ddof=1; 0 for one run) per split x method x metric.
+
+    Returns {split: {method: {"n": runs, "failed": runs not ok, metric: {"mean", "std", "n"}}}};
+    missing (None) values are left out of that metric's mean.
+    """
+    metrics = list(metrics or [c[0] for c in TABLE_COLUMNS])
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["split"], record["method"]), []).append(record)
+    out: dict = {}
+    for (split, method), group in groups.items():
+        row: dict = {"n": len(group), "failed": sum(r.get("status") != "ok" for r in group)}
+        for metric in metrics:
+            values = np.array([v for r in group if (v := _value(r, metric)) is not None], dtype=float)
+            if len(values) == 0:
+                row[metric] = {"mean": None, "std": None, "n": 0}
+                continue
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            row[metric] = {"mean": float(values.mean()), "std": std, "n": len(values)}
+        out.setdefault(split, {})[method] = row
+    return out
+
+
+def matched_verdict(split_rows: dict, tolerance: float = MATCH_TOLERANCE) -> dict:
+    """Which method keeps the most utility among those that forget about as well as the best one.
+
+    Methods whose mean forget EM is within `tolerance` of the lowest method mean are "matched";
+    among them the winners by model utility and by retain EM. SIMU is compared with so_graddiff and
+    random_mask: a difference counts as clear when it exceeds twice its standard error
+    (sqrt(s_a^2/n_a + s_b^2/n_b)), else it is a tie.
+    """
+    methods = {
+        m: r for m, r in split_rows.items() if m not in REFERENCE_ROWS and r["forget/exact_match"]["mean"] is not None
+    }
+    if not methods:
+        return {}
+    best_forget = min(r["forget/exact_match"]["mean"] for r in methods.values())
+    matched = sorted(m for m, r in methods.items() if r["forget/exact_match"]["mean"] <= best_forget + tolerance)
+    verdict: dict = {"best_forget_em": best_forget, "matched": matched}
+    for metric in ("model_utility", "retain/exact_match"):
+        scored = [(methods[m][metric]["mean"], m) for m in matched if methods[m][metric]["mean"] is not None]
+        verdict[f"best_{metric}"] = max(scored)[1] if scored else None
+    for other in ("so_graddiff", "random_mask"):
+        if "simu" in methods and other in methods:
+            verdict[f"simu_vs_{other}"] = {
+                metric: compare_means(methods["simu"][metric], methods[other][metric])
+                for metric in ("forget/exact_match", "model_utility", "retain/exact_match")
+            }
+    return verdict
+
+
+def compare_means(a: dict, b: dict) -> dict:
+    """a - b with its standard error and a word: 'higher', 'lower' or 'tie' (|d| <= 2 SE)."""
+    if a["mean"] is None or b["mean"] is None:
+        return {"diff": None, "se": None, "word": "n/a"}
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt(a["std"] ** 2 / max(1, a["n"]) + b["std"] ** 2 / max(1, b["n"]))
+    word = "tie" if abs(diff) <= 2 * se or diff == 0 else ("higher" if diff > 0 else "lower")
+    return {"diff": diff, "se": se, "word": word}
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: JSON, Markdown, figures
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _cell_text(stat: dict, digits: int, single: bool) -> str:
+    if stat["mean"] is None:
+        return "–"
+    if single:
+        return _fmt(stat["mean"], digits)
+    return f"{_fmt(stat['mean'], digits)} ± {_fmt(stat['std'], digits)}"
+
+
+def markdown_table(aggregate: dict, splits: Sequence[str], methods: Sequence[str]) -> str:
+    """One Markdown table per split: reference rows, then each method as mean ± std over its seeds."""
+    lines = []
+    header = "| method | runs (failed) | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+    rule = "|" + "---|" * (len(TABLE_COLUMNS) + 2)
+    for split in splits:
+        rows = aggregate.get(split, {})
+        lines += [f"### {split}", "", header, rule]
+        for method in [*REFERENCE_ROWS, *methods]:
+            if method not in rows:
+                continue
+            row = rows[method]
+            single = method in REFERENCE_ROWS
+            cells = [_cell_text(row[key], digits, single) for key, _, digits in TABLE_COLUMNS]
+            name = f"*{method}*" if single else f"**{method}**"
+            runs = "ref" if single else f"{row['n']} ({row['failed']})"
+            lines.append(f"| {name} | {runs} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def verdict_text(aggregate: dict, splits: Sequence[str]) -> str:
+    """Plain sentences from `matched_verdict` per split (what the numbers say, nothing more)."""
+    lines = []
+    for split in splits:
+        v = matched_verdict(aggregate.get(split, {}))
+        if not v:
+            continue
+        text = (
+            f"- **{split}**: lowest mean forget EM {v['best_forget_em']:.3f}; matched efficacy (within "
+            f"{MATCH_TOLERANCE}) : {', '.join(v['matched'])}. Most model utility among them: "
+            f"**{v['best_model_utility']}**; most retain EM: **{v['best_retain/exact_match']}**."
+        )
+        for other in ("so_graddiff", "random_mask"):
+            cmp = v.get(f"simu_vs_{other}")
+            if cmp:
+                parts = [f"{metric} {c['word']} ({c['diff']:+.3f} ± {c['se']:.3f})" for metric, c in cmp.items()
+                         if c["diff"] is not None]  # fmt: skip
+                text += f" SIMU vs {other}: " + "; ".join(parts) + "."
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig) -> str:
+    """The whole Markdown page: settings, table, verdict."""
+    m = meta["machine"]
+    where = m["gpu"] or f"CPU ({m['cpu_count']} cores, {m['torch_threads']} torch threads)"
+    head = [
+        "# SIMU quality table (built-in benchmark)",
+        "",
+        f"- command: `{meta['command'] or 'python -m simu_core bench quality'}`",
+        f"- built-in: {meta['builtin']['n_authors']} authors, model {meta['builtin']['model']}",
+        f"- seeds {meta['seeds']} (presets tuned with seed {meta['tuning_seed']}); preset notes: {meta['preset_notes']}",
+        f"- evaluation: up to {qc.eval.max_items} items per split (seeded sample {qc.eval.seed}), "
+        f"greedy answers of up to {qc.eval.max_new_tokens} tokens",
+        f"- torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; device {where}",
+        f"- created {meta['created']}, {meta['seconds'] / 60:.1f} min for the cells computed in this call",
+        "",
+        "Each method row: mean ± sample std over the seeds. Reference rows: *original* = the model before "
+        "unlearning, *retain_reference* = the model never trained on the forget authors (the target). "
+        "Forget quality is the KS-test p-value of forget truth ratios against the retain reference (log10; 0 "
+        "is the best). PrivLeak is relative to the retain reference's membership AUC.",
+        "",
+    ]
+    verdict = ["## At matched forget efficacy", "", verdict_text(aggregate, qc.splits), ""]
+    table = markdown_table(aggregate, qc.splits, qc.methods)
+    return "\n".join([*head, "## Table", "", table, *verdict])
+
+
+_COLORS = {"simu": "#d62728", "random_mask": "#ff7f0e", "so_graddiff": "#1f77b4", "fo_graddiff": "#17becf",
+           "ga": "#7f7f7f", "npo": "#9467bd"}  # fmt: skip
+_REF_STYLE = {"original": ("black", "x"), "retain_reference": ("#2ca02c", "star")}
+
+
+def scatter_figure(records: Sequence[dict], splits: Sequence[str], x: str, y: str, x_title: str, y_title: str,
+                   title: str, log_x: bool = False):  # fmt: skip
+    """One subplot per split, one point per run (colour = method), the reference rows as big markers."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(splits), subplot_titles=list(splits), shared_yaxes=True)
+    shown: set[str] = set()
+    others = sorted({r["method"] for r in records} - set(_COLORS) - set(REFERENCE_ROWS))
+    for col, split in enumerate(splits, start=1):
+        for method in [*REFERENCE_ROWS, *_COLORS, *others]:
+            group = [r for r in records if r["split"] == split and r["method"] == method]
+            points = [(_value(r, x), _value(r, y), r) for r in group]
+            points = [(a, b, r) for a, b, r in points if a is not None and b is not None]
+            if not points:
+                continue
+            color, symbol = _REF_STYLE.get(method, (_COLORS.get(method, "#8c564b"), "circle"))
+            fig.add_scatter(
+                x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", name=method,
+                legendgroup=method, showlegend=method not in shown, row=1, col=col,
+                marker={"color": color, "symbol": symbol, "size": 14 if method in REFERENCE_ROWS else 9,
+                        "line": {"width": 1, "color": "white"}},
+                text=[f"{method} seed {p[2]['seed']}" if p[2]["seed"] is not None else method for p in points],
+                hovertemplate="%{text}<br>x=%{x:.3g}<br>y=%{y:.3f}<extra></extra>",
+            )  # fmt: skip
+            shown.add(method)
+        fig.update_xaxes(title_text=x_title, type="log" if log_x else "linear", row=1, col=col)
+    fig.update_yaxes(title_text=y_title, row=1, col=1)
+    fig.update_layout(title=title, height=460, legend={"orientation": "h", "y": -0.2}, margin={"t": 70})
+    return fig
+
+
+def quality_figures(records: Sequence[dict], splits: Sequence[str]) -> list:
+    """Forget quality vs model utility, and forget EM vs retain EM (the trade-off)."""
+    return [
+        scatter_figure(records, splits, "forget_quality", "model_utility", "forget quality (KS p, log)",
+                       "model utility", "Forget quality vs model utility (one point per run)", log_x=True),
+        scatter_figure(records, splits, "forget/exact_match", "retain/exact_match", "forget exact match",
+                       "retain exact match", "Forget EM vs retain EM: lower-left forgets, top keeps"),
+    ]  # fmt: skip
+
+
+def write_figures(path: str | Path, figures: Sequence, title: str) -> Path:
+    """All figures in one self-contained HTML page (plotly.js inlined once)."""
+    path = Path(path)
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    html = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+        f"<body style='font-family:sans-serif'><h1>{title}</h1>" + "".join(parts) + "</body></html>"
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: dict, qc: QualityConfig) -> dict:
+    """quality.json, quality.md and quality.html under `out`; returns their paths."""
+    from simu_core.runs import write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "aggregate": aggregate, "verdict": {s: matched_verdict(aggregate.get(s, {})) for s in qc.splits},
+               "records": records}  # fmt: skip
+    write_json_atomic(out / "quality.json", _json_safe(payload))
+    md = out / "quality.md"
+    md.write_text(quality_markdown(aggregate, meta, qc), encoding="utf-8")
+    html = write_figures(out / "quality.html", quality_figures(records, qc.splits), "SIMU quality benchmark")
+    return {"json": str(out / "quality.json"), "markdown": str(md), "html": str(html)}
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in size for the CLI
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_size(size: str | None, progress: Progress = _no_progress) -> Path:
+    """The built-in cache of `size` (None: $SIMU_BUILTIN_SIZE / default), built first if missing or stale."""
+    from simu_core.config import builtin_config, builtin_root
+    from simu_core.models import build_default, builtin_status
+
+    root = builtin_root(size)
+    status = builtin_status(root)
+    if status != "ok":
+        progress(f"building the built-in ({status}) in {root}", 0.0)
+        build_default(root, builtin_config(size), progress)
+    return root

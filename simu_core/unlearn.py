@@ -1,0 +1,785 @@
+"""Unlearning (SIMU stage 2 and the baselines): one training loop, a registry of methods, presets.
+
+A method names a trainable set, an optimiser and a loss (`METHODS`); its preset fills the other
+settings. `unlearn(base, forget, retain, config)` trains a deep copy of `base.model` (the original is
+never modified) and returns an `UnlearnResult` with the unlearned model, the per-step history and the
+changed parameter slices (what `runs.save_run` writes as the run's delta).
+
+Running it in the background (what the app does): call `unlearn` (or `runs.run_unlearning`) in a
+worker thread with `callback=` a plain function that receives a `StepRecord` after every step, and
+`cancel=` a `threading.Event`; setting the event stops the run between two steps (status
+"cancelled"). The loop never touches any UI.
+
+Guards: a NaN/inf loss stops the run (status "failed"); so does collapse, i.e. the retain loss
+(smoothed) rising `collapse_margin` nats above its first value, or greedy answers to retain probe
+questions degenerating into one repeated token. Optional early stop once every forget target that
+is set is met: greedy exact match <= `stop_forget_em`, greedy ROUGE-L recall <= `stop_forget_rouge`,
+NLL >= `stop_forget_loss` (whole forget set, every `eval_every` steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from simu_core import data as qa
+from simu_core.arch import count_parameters, neuron_layers
+from simu_core.config import MaskConfig, UnlearnConfig, to_dict
+from simu_core.errors import SimuError
+from simu_core.losses import NEEDS_REFERENCE, LossInputs, answer_logits, get_loss, mean_nll
+from simu_core.masks import MLP_PARTS, NeuronMask, check_mask_fits, make_mask, random_mask_like
+from simu_core.models import LoadedModel, greedy_answers, pick_device
+from simu_core.optim import (
+    ESTIMATORS,
+    AdamW,
+    SliceLeaves,
+    Sophia,
+    TrainableParam,
+    gnb_diagonal,
+    hutchinson_diagonal,
+    squared_gradient,
+)
+
+STATUSES = ("ok", "failed", "cancelled")
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("sophia", "adamw")
+
+
+# --------------------------------------------------------------------------------------------
+# Trainable sets and the methods registry
+# --------------------------------------------------------------------------------------------
+
+TrainableSet = Callable[[nn.Module, UnlearnConfig, "NeuronMask | None"], list[TrainableParam]]
+
+
+def _decays(param: torch.Tensor) -> bool:
+    """Decoupled weight decay on matrices only (not on norms and biases), as SOUL does."""
+    return param.ndim >= 2
+
+
+def all_weights(model: nn.Module, config: UnlearnConfig, mask: NeuronMask | None) -> list[TrainableParam]:
+    """Every parameter of the model in full (shared tensors once)."""
+    return [TrainableParam(name, p, decay=_decays(p)) for name, p in model.named_parameters()]
+
+
+def masked_weights(model: nn.Module, config: UnlearnConfig, mask: NeuronMask | None) -> list[TrainableParam]:
+    """SIMU's set: attention projections in full (if `config.attention`) + the selected neurons'
+    output-projection columns (rows for Conv1D), and with `mlp_parts="down_up"` their gate/up rows."""
+    if mask is None:
+        raise SimuError("this method needs a neuron mask; none was given or computed.")
+    result = []
+    for layer, keep in zip(neuron_layers(model), mask.layers, strict=True):
+        if config.attention:
+            for name, module in layer.attention:
+                result += [
+                    TrainableParam(f"{name}.{pname}", p, decay=_decays(p))
+                    for pname, p in module.named_parameters(recurse=False)
+                ]
+        index = torch.nonzero(keep.to(torch.bool), as_tuple=False).flatten().to(layer.down.weight.device)
+        if len(index) == 0:
+            continue
+        result.append(TrainableParam(f"{layer.down_name}.weight", layer.down.weight, layer.down_dim, index))
+        if config.mlp_parts == "down_up":
+            for name, module in layer.ups:
+                result.append(TrainableParam(f"{name}.weight", module.weight, layer.up_dim, index))
+                if getattr(module, "bias", None) is not None:
+                    result.append(TrainableParam(f"{name}.bias", module.bias, 0, index, decay=False))
+    return result
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its trainable set, which mask it uses, and its preset settings."""
+
+    help: str
+    trainables: TrainableSet
+    mask: str | None  # "selected" (from attribution or a file), "random" (same counts), or None
+    preset: dict = field(default_factory=dict)
+
+
+# Presets for the built-in default (1.2M-parameter Llama, forget10 / retain10), CPU, seed 0.
+# How they were found: see the comment block in `PRESET_NOTES` below and the issue report.
+_SOPHIA = {"optimizer": "sophia", "betas": (0.9, 0.95), "rho": 0.04, "estimator": "gnb", "hessian_interval": 10}
+_SIMU = {
+    **_SOPHIA,
+    "loss": "graddiff",
+    "lr": 1e-3,
+    "gamma": 5.0,
+    "steps": 250,
+    "attention": False,
+    "mlp_parts": "down_up",
+    "mask": {
+        "method": "simu_ig",
+        "steps": 5,
+        "rule": "layer_threshold",
+        "value": 0.3,
+        "dual": "include",
+        "score": "forget_minus_retain",
+    },  # fmt: skip
+    "stop_forget_em": 0.05,
+}
+PRESET_NOTES = "initial presets (design section 12 probes); to be replaced by the tuned values"
+
+METHODS: dict[str, Method] = {
+    "simu": Method("SIMU: masked Sophia + GradDiff on the critical neurons", masked_weights, "selected", _SIMU),
+    "random_mask": Method("SIMU with a random mask of the same size (control)", masked_weights, "random", _SIMU),
+    "so_graddiff": Method(
+        "SO-GradDiff (SOUL): Sophia + GradDiff on all weights",
+        all_weights,
+        None,
+        {**_SOPHIA, "loss": "graddiff", "lr": 1e-4, "gamma": 2.0, "steps": 250, "stop_forget_em": 0.05},
+    ),
+    "fo_graddiff": Method(
+        "FO-GradDiff: AdamW + GradDiff on all weights",
+        all_weights,
+        None,
+        {
+            "optimizer": "adamw",
+            "betas": (0.9, 0.999),
+            "loss": "graddiff",
+            "lr": 1e-4,
+            "gamma": 2.0,
+            "steps": 250,
+            "stop_forget_em": 0.05,
+        },  # fmt: skip
+    ),
+    "ga": Method(
+        "Gradient ascent (AdamW) on all weights",
+        all_weights,
+        None,
+        {
+            "optimizer": "adamw",
+            "betas": (0.9, 0.999),
+            "loss": "ga",
+            "lr": 5e-5,
+            "gamma": 0.0,
+            "steps": 250,
+            "stop_forget_em": 0.05,
+        },  # fmt: skip
+    ),
+    "npo": Method(
+        "NPO (AdamW) + retain NLL on all weights",
+        all_weights,
+        None,
+        {
+            "optimizer": "adamw",
+            "betas": (0.9, 0.999),
+            "loss": "npo",
+            "lr": 1e-4,
+            "gamma": 1.0,
+            "npo_beta": 0.1,
+            "steps": 250,
+            "stop_forget_em": 0.05,
+        },  # fmt: skip
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise SimuError(f"unknown method '{name}'. Choose one of: {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def preset_config(method: str, **overrides) -> UnlearnConfig:
+    """The method's preset as an `UnlearnConfig`, with `overrides` (None values are ignored) on top.
+
+    `mask` may be given as a `MaskConfig` or a dict of its fields (merged into the preset's).
+    """
+    preset = dict(get_method(method).preset)
+    mask = {**to_dict(MaskConfig()), **preset.pop("mask", {})}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    given = overrides.pop("mask", {})
+    mask.update(to_dict(given) if isinstance(given, MaskConfig) else given)
+    config = UnlearnConfig.from_json({**to_dict(UnlearnConfig()), **preset, **overrides, "method": method})
+    config.mask = MaskConfig(**mask)
+    return config
+
+
+def validate_config(config: UnlearnConfig) -> None:
+    """SimuError naming the first bad setting and its fix."""
+    get_method(config.method)
+    get_loss(config.loss)
+    checks = [
+        (config.steps >= 1 and int(config.steps) == config.steps, f"steps must be a whole number >= 1 (got {config.steps})."),
+        (config.lr > 0, f"learning rate must be > 0 (got {config.lr}). Pass a positive --lr such as 1e-3."),
+        (config.batch_size >= 1 and config.retain_batch_size >= 1, "batch sizes must be >= 1."),
+        (config.gamma >= 0, f"retain weight gamma must be >= 0 (got {config.gamma})."),
+        (config.optimizer in OPTIMIZERS, f"unknown optimizer '{config.optimizer}'. Choose one of: {', '.join(OPTIMIZERS)}."),
+        (config.estimator in ESTIMATORS, f"unknown estimator '{config.estimator}'. Choose one of: {', '.join(ESTIMATORS)}."),
+        (config.schedule in SCHEDULES, f"unknown schedule '{config.schedule}'. Choose one of: {', '.join(SCHEDULES)}."),
+        (config.mlp_parts in MLP_PARTS, f"unknown mlp_parts '{config.mlp_parts}'. Choose one of: {', '.join(MLP_PARTS)}."),
+        (config.hessian_interval >= 1, f"hessian_interval must be >= 1 (got {config.hessian_interval})."),
+        (config.eval_every >= 1, f"eval_every must be >= 1 (got {config.eval_every})."),
+        (config.npo_beta > 0, f"npo_beta must be > 0 (got {config.npo_beta})."),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise SimuError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Records and result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepRecord:
+    """One step, as the callback and history.jsonl see it. Losses in nats per answer token (batch
+    values); `seconds` is this step's wall time, `elapsed`/`eta` in seconds for the whole run.
+    `forget_em` / `forget_rouge` / `forget_nll` (whole forget set) are filled on evaluation steps only
+    (those the early-stop targets ask for)."""
+
+    step: int
+    steps: int
+    forget_loss: float
+    retain_loss: float | None
+    objective: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    elapsed: float
+    eta: float
+    hessian_updated: bool = False
+    unclipped_fraction: float = 1.0
+    forget_em: float | None = None
+    forget_rouge: float | None = None
+    forget_nll: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ParamChange:
+    """New values of one parameter: the whole tensor (`index is None`) or its slices `index` on `dim`."""
+
+    name: str
+    values: torch.Tensor
+    dim: int | None = None
+    index: torch.Tensor | None = None
+
+
+@dataclass
+class UnlearnResult:
+    """What a run produced. `status` is ok / failed / cancelled; `stop_reason` one of steps,
+    forget_target, cancelled, nan, collapse; `error` the user-facing reason when not ok."""
+
+    model: LoadedModel
+    base: LoadedModel
+    config: UnlearnConfig
+    status: str
+    stop_reason: str
+    error: str | None
+    history: list[StepRecord]
+    mask: NeuronMask | None
+    changes: list[ParamChange]
+    seconds: float
+    state_bytes: int
+    trainable_params: int
+    total_params: int
+    device: str
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        last = self.history[-1] if self.history else None
+        evals = [r for r in self.history if r.forget_em is not None]
+        rouges = [r for r in self.history if r.forget_rouge is not None]
+        return {
+            "method": self.config.method,
+            "status": self.status,
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+            "steps_done": last.step if last else 0,
+            "forget_loss": last.forget_loss if last else None,
+            "retain_loss": last.retain_loss if last else None,
+            "forget_em": evals[-1].forget_em if evals else None,
+            "forget_rouge": rouges[-1].forget_rouge if rouges else None,
+            "seconds": round(self.seconds, 3),
+            "state_bytes": self.state_bytes,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "mask_neurons": self.mask.total() if self.mask else None,
+            "device": self.device,
+            "warnings": self.warnings,
+        }
+
+
+Callback = Callable[[StepRecord], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: batches, schedule, evaluation, guards, memory
+# --------------------------------------------------------------------------------------------
+
+
+def _forever(
+    examples: Sequence[qa.Encoded], batch_size: int, pad: int, seed: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches (reshuffled every epoch, seeded), moved to `device`."""
+    epoch = 0
+    while True:
+        for batch in qa.iter_batches(examples, batch_size, pad, shuffle=True, seed=seed * 7919 + epoch):
+            yield {k: v.to(device) for k, v in batch.items()}
+        epoch += 1
+
+
+def lr_at(config: UnlearnConfig, step: int) -> float:
+    """Learning rate of step `step` (1-based): linear warm-up, then constant / linear / cosine decay."""
+    if step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.schedule == "linear":
+        return config.lr * (1 - progress)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def dataset_nll(model: nn.Module, examples: Sequence[qa.Encoded], pad: int, batch_size: int = 64) -> float:
+    """Mean NLL per answer token over all examples (nats), independent of batching."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in qa.iter_batches(examples, batch_size, pad):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(mean_nll(model, batch)) * n
+        count += n
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def greedy_exact_match(model: nn.Module, examples: Sequence[qa.Encoded], pad: int, batch_size: int = 64) -> float:
+    """Greedy exact match in one teacher-forced forward pass per batch (no generation loop).
+
+    Greedy decoding reproduces an answer exactly iff every answer token, and the closing EOS, is the
+    argmax given the true prefix; this checks that for all examples at once (the same number as
+    `models.exact_match` of `greedy_answers`, barring a different tokenisation of the same text).
+    """
+    device = next(model.parameters()).device
+    hits = 0
+    for batch in qa.iter_batches(examples, batch_size, pad):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits, targets = answer_logits(model, batch)
+        correct = (logits.argmax(-1) == targets) | (targets == -100)
+        hits += int(correct.all(dim=1).sum())
+    return hits / max(1, len(examples))
+
+
+def is_degenerate(token_ids: Sequence[int], min_length: int = 8, share: float = 0.75) -> bool:
+    """True for an output of at least `min_length` tokens where one token makes up `share` or more."""
+    if len(token_ids) < min_length:
+        return False
+    return Counter(token_ids).most_common(1)[0][1] / len(token_ids) >= share
+
+
+def degenerate_fraction(loaded: LoadedModel, model: nn.Module, questions: Sequence[str]) -> float:
+    """Share of greedy answers (24 new tokens) to `questions` that are one repeated token."""
+    answers = greedy_answers(model, loaded.tokenizer, loaded.fmt, list(questions), max_new_tokens=24)
+    ids = [loaded.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    return sum(is_degenerate(i) for i in ids) / max(1, len(ids))
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n_bytes < 1024 or unit == "TB":
+            return f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TB"
+
+
+def estimate_memory(model: nn.Module, config: UnlearnConfig, state_entries: int, grad_entries: int, length: int) -> int:
+    """Rough peak bytes of a run: fp32 working copy, gradients, optimiser state, activations.
+
+    Activations per token and layer are taken as ~(16 d + 4 d_ff + heads * length) floats (saved
+    inputs of every projection, attention scores, norms), plus 3 copies of the vocabulary logits;
+    Hutchinson's double backward keeps about 3x the activations.
+    """
+    cfg = getattr(model, "config", None)
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 8)
+    vocab = getattr(cfg, "vocab_size", 32000)
+    tokens = (config.batch_size + config.retain_batch_size) * length
+    per_token = layers * (16 * d + 4 * d_ff + heads * length) + 3 * vocab
+    activations = tokens * per_token * 4 * (3 if config.estimator == "hutchinson" else 1)
+    weights = count_parameters(model) * 4
+    reference = weights if config.loss in NEEDS_REFERENCE else 0
+    return weights + reference + 4 * grad_entries + 8 * state_entries + activations
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on `device` (GPU: free device memory; CPU: available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # a dependency of accelerate
+
+    return psutil.virtual_memory().available
+
+
+def check_memory(needed: int, available: int, device: torch.device, limit_gb: float | None = None) -> None:
+    """SimuError when a run needing `needed` bytes does not fit (in `available` or the user's limit)."""
+    limit = available if limit_gb is None else min(available, int(limit_gb * 1024**3))
+    if needed > limit:
+        raise SimuError(
+            f"not enough memory: this run needs about {_size(needed)} on {device.type} but only {_size(limit)} is "
+            "available. Lower --batch-size, use method 'simu' (its state covers only the selected neurons), "
+            "or run on a machine with more memory."
+        )
+
+
+def _warn_overlap(forget: qa.QADataset, retain: qa.QADataset | None) -> list[str]:
+    if retain is None:
+        return []
+    n = qa.overlap_count(forget, retain)
+    if not n:
+        return []
+    message = (
+        f"{n} of {len(forget)} forget items also appear in the retain set; the objective pushes them both "
+        "ways. Remove them from the retain set."
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return [message]
+
+
+# --------------------------------------------------------------------------------------------
+# Mask
+# --------------------------------------------------------------------------------------------
+
+
+def compute_mask(
+    loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset | None, options: MaskConfig
+) -> NeuronMask:
+    """Attribute the forget (and, when needed, retain) set and select neurons per `options`."""
+    from simu_core.attribution import attribute
+
+    forget_scores = attribute(loaded, forget, method=options.method, steps=options.steps)
+    retain_scores = None
+    if retain is not None and (options.score != "forget" or options.dual == "exclude"):
+        items = retain.items[: options.retain_limit]
+        retain_scores = attribute(loaded, qa.QADataset(retain.name, items), method=options.method, steps=options.steps)
+    value = int(options.value) if options.rule == "layer_top" else options.value
+    return make_mask(forget_scores, options.rule, value, retain=retain_scores, dual=options.dual, score=options.score)
+
+
+def resolve_mask(
+    method: Method, loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset | None, config: UnlearnConfig,
+    mask: NeuronMask | None,
+) -> NeuronMask | None:  # fmt: skip
+    """The mask the method trains under: given, loaded from `config.mask_file`, or computed."""
+    if method.mask is None:
+        return None
+    if mask is None and config.mask_file:
+        mask = NeuronMask.load(config.mask_file)
+    if mask is None:
+        mask = compute_mask(loaded, forget, retain, config.mask)
+    check_mask_fits(mask, loaded.model)
+    if method.mask == "random":
+        mask = random_mask_like(mask, config.seed)
+    if mask.total() == 0 and not config.attention:
+        raise SimuError(
+            "the mask selects no neuron and attention is off, so nothing would train. Lower the threshold "
+            "(mask value) or turn attention on."
+        )
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _curvature(config: UnlearnConfig, model: nn.Module, params: list[nn.Parameter], batches, generator, autocast):
+    """The closure Sophia calls on curvature steps: diagonal estimates shaped like each of `params`."""
+
+    def gnb() -> list[torch.Tensor]:
+        rows = []
+        with autocast():
+            for batch in batches():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                rows.append(logits[:, :-1][batch["labels"][:, 1:] != -100])
+        return gnb_diagonal(torch.cat(rows).float(), params, generator)
+
+    def hutchinson() -> list[torch.Tensor]:
+        with autocast():
+            parts = [(mean_nll(model, b), int((b["labels"][:, 1:] != -100).sum())) for b in batches()]
+        loss = sum(v * n for v, n in parts) / max(1, sum(n for _, n in parts))
+        return hutchinson_diagonal(loss, params, generator)
+
+    return {"gnb": gnb, "hutchinson": hutchinson, "sqgrad": lambda: squared_gradient(params)}[config.estimator]
+
+
+def _changes(trainables: list[TrainableParam], base: nn.Module) -> list[ParamChange]:
+    """The trainable slices whose values differ from the base model's (CPU copies)."""
+    changes = []
+    for tp in trainables:
+        new = tp.gather(tp.param.detach())
+        old = tp.gather(base.get_parameter(tp.name).detach().to(new.device, new.dtype))
+        if not torch.equal(new, old):
+            index = None if tp.index is None else tp.index.cpu()
+            changes.append(ParamChange(tp.name, new.cpu().clone(), tp.dim, index))
+    return changes
+
+
+@dataclass
+class _Session:
+    """Everything one run works with (built by `_prepare`)."""
+
+    config: UnlearnConfig
+    loaded: LoadedModel  # the working copy, with the base's tokenizer and format
+    mask: NeuronMask | None
+    trainables: list[TrainableParam]
+    leaves: SliceLeaves
+    opt: Sophia | AdamW
+    device: torch.device
+    reference: nn.Module | None
+    forget: qa.QADataset
+    forget_examples: list[qa.Encoded]
+    batches: Iterator[tuple[dict, dict | None]]
+    probes: list[str]
+    needed_bytes: int
+    use_bf16: bool
+    current: list[dict] = field(default_factory=list)  # this step's batches (for the curvature closure)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+
+def _make_optimizer(config: UnlearnConfig, trainables: list[TrainableParam]) -> Sophia | AdamW:
+    kwargs = {"lr": config.lr, "betas": tuple(config.betas), "weight_decay": config.weight_decay,
+              "max_grad_norm": config.max_grad_norm}  # fmt: skip
+    if config.optimizer == "adamw":
+        return AdamW(trainables, **kwargs)
+    interval = 1 if config.estimator == "sqgrad" else config.hessian_interval  # SOUL refreshes every step
+    return Sophia(trainables, rho=config.rho, eps=config.eps, update_interval=interval, **kwargs)
+
+
+def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | None) -> _Session:
+    """Working copy, mask, trainable set, optimiser, batches, memory check."""
+    method = get_method(config.method)
+    device = pick_device(config.device)
+    work = copy.deepcopy(base.model).to(device=device, dtype=torch.float32)
+    work.eval()
+    if config.estimator == "hutchinson" and config.optimizer == "sophia" and hasattr(work, "set_attn_implementation"):
+        work.set_attn_implementation("eager")  # SDPA has no double backward on CPU
+    for p in work.parameters():
+        p.requires_grad_(False)
+    loaded = LoadedModel(work, base.tokenizer, base.fmt, base.spec, base.source)
+    mask = resolve_mask(method, loaded, forget, retain, config, mask)
+    trainables = method.trainables(work, config, mask)
+    opt = _make_optimizer(config, trainables)
+
+    pad = qa.pad_id_of(base.tokenizer)
+    forget_ex = qa.encode_dataset(base.tokenizer, base.fmt, forget)
+    retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
+    length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
+    grad_entries = sum(tp.numel() if tp.masked else tp.param.numel() for tp in trainables)
+    needed = estimate_memory(work, config, sum(tp.numel() for tp in trainables), grad_entries, length)
+    check_memory(needed, available_memory(device), device, config.max_memory_gb)
+
+    for tp in trainables:
+        tp.param.requires_grad_(True)
+    leaves = SliceLeaves(work, trainables)  # masked slices train through compact leaves
+    reference = None
+    if config.loss in NEEDS_REFERENCE:
+        reference = base.model if base.device == device else copy.deepcopy(base.model).to(device).eval()
+    forget_it = _forever(forget_ex, config.batch_size, pad, config.seed, device)
+    retain_it = _forever(retain_ex, config.retain_batch_size, pad, config.seed + 1, device) if retain_ex else None
+    batches = ((next(forget_it), next(retain_it) if retain_it else None) for _ in itertools.count())
+    probes = (retain if retain is not None else forget).questions()[:8]
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return _Session(config, loaded, mask, trainables, leaves, opt, device, reference, forget, forget_ex, batches,
+                    probes, needed, use_bf16)  # fmt: skip
+
+
+class _CollapseGuard:
+    """Collapse: the smoothed retain loss rises `margin` nats above its first value, or most greedy
+    answers to the retain probes are one repeated token (checked every `probe_every` steps)."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.start: float | None = None
+        self.smooth: float | None = None
+
+    def check(self, step: int, retain_loss: float | None) -> str | None:
+        config = self.session.config
+        if retain_loss is not None:
+            self.start = retain_loss if self.start is None else self.start
+            self.smooth = retain_loss if self.smooth is None else 0.7 * self.smooth + 0.3 * retain_loss
+            if self.smooth > self.start + config.collapse_margin:
+                return (
+                    f"collapse at step {step}: the retain loss rose from {self.start:.3f} to {self.smooth:.3f} nats "
+                    f"(bound: +{config.collapse_margin:g}). Lower the learning rate or raise gamma."
+                )
+        if config.probe_every and step % config.probe_every == 0:
+            share = degenerate_fraction(self.session.loaded, self.session.model, self.session.probes)
+            if share >= 0.5:
+                return (
+                    f"collapse at step {step}: {share:.0%} of the probe answers are one repeated token. "
+                    "Lower the learning rate or raise gamma."
+                )
+        return None
+
+
+def _train_step(session: _Session, step: int, curvature) -> StepRecord | str:
+    """One optimiser step; returns its record, or the error message when the loss is not finite."""
+    config, model = session.config, session.model
+    forget_batch, retain_batch = next(session.batches)
+    session.current[:] = [b for b in (forget_batch, retain_batch) if b is not None]
+    session.opt.lr = lr_at(config, step)
+    inputs = LossInputs(model, forget_batch, retain_batch, session.reference, config.gamma, config.npo_beta)
+    with session.autocast():
+        out = get_loss(config.loss)(inputs)
+    retain_loss = out.retain
+    if retain_loss is None and retain_batch is not None:  # monitored even when the loss ignores it
+        with torch.no_grad(), session.autocast():
+            retain_loss = float(mean_nll(model, retain_batch))
+    objective = float(out.total.detach())
+    if not all(math.isfinite(v) for v in (objective, out.forget, retain_loss or 0.0)):
+        return (
+            f"the loss became NaN/inf at step {step} (objective {objective}, forget {out.forget}, retain "
+            f"{retain_loss}). Lower the learning rate (now {config.lr:g}) or the steps."
+        )
+    session.opt.zero_grad()
+    out.total.backward()
+    stats = session.opt.step(curvature if config.optimizer == "sophia" else None)
+    return StepRecord(
+        step=step, steps=config.steps, forget_loss=out.forget, retain_loss=retain_loss, objective=objective,
+        lr=session.opt.lr, grad_norm=stats.grad_norm, seconds=0.0, elapsed=0.0, eta=0.0,
+        hessian_updated=stats.hessian_updated, unclipped_fraction=stats.unclipped_fraction,
+    )  # fmt: skip
+
+
+def forget_rouge(loaded: LoadedModel, model: nn.Module, dataset: qa.QADataset) -> float:
+    """Mean ROUGE-L recall of greedy answers (generation capped just past the longest answer)."""
+    from simu_core.metrics import rouge_l_recall
+
+    longest = max(len(loaded.tokenizer(loaded.fmt.separator + a)["input_ids"]) for a in dataset.answers())
+    answers = greedy_answers(model, loaded.tokenizer, loaded.fmt, dataset.questions(), max_new_tokens=longest + 2)
+    return sum(map(rouge_l_recall, answers, dataset.answers())) / len(dataset)
+
+
+def _target_reached(session: _Session, record: StepRecord) -> bool:
+    """Evaluate the forget targets on evaluation steps (filling the record); True once all are met."""
+    config = session.config
+    targets = (config.stop_forget_em, config.stop_forget_rouge, config.stop_forget_loss)
+    if all(t is None for t in targets):
+        return False
+    if record.step % config.eval_every and record.step != config.steps:
+        return False
+    met = []
+    pad = qa.pad_id_of(session.loaded.tokenizer)
+    if config.stop_forget_em is not None:
+        record.forget_em = greedy_exact_match(session.model, session.forget_examples, pad)
+        met.append(record.forget_em <= config.stop_forget_em)
+    if config.stop_forget_rouge is not None:
+        record.forget_rouge = forget_rouge(session.loaded, session.model, session.forget)
+        met.append(record.forget_rouge <= config.stop_forget_rouge)
+    if config.stop_forget_loss is not None:
+        record.forget_nll = dataset_nll(session.model, session.forget_examples, pad)
+        met.append(record.forget_nll >= config.stop_forget_loss)
+    return all(met)
+
+
+def unlearn(
+    base: LoadedModel,
+    forget: qa.QADataset,
+    retain: qa.QADataset | None,
+    config: UnlearnConfig,
+    mask: NeuronMask | None = None,
+    callback: Callback | None = None,
+    cancel: threading.Event | None = None,
+) -> UnlearnResult:
+    """Unlearn `forget` from a deep copy of `base.model` (see the module docstring).
+
+    `mask` (for simu / random_mask) overrides `config.mask_file` and the attribution settings.
+    Raises SimuError for bad settings or input; a run stopped by a guard or cancelled returns a
+    result whose `status` says so.
+    """
+    validate_config(config)
+    if config.loss in ("graddiff", "npo", "kl_retain") and config.gamma > 0 and retain is None:
+        raise SimuError(f"loss '{config.loss}' with gamma > 0 needs a retain set. Pass --retain.")
+    found = _warn_overlap(forget, retain)
+    start = time.perf_counter()
+    session = _prepare(base, forget, retain, config, mask)
+    targets = [tp.target for tp in session.trainables]
+    curvature = _curvature(
+        config, session.model, targets, lambda: session.current, _generator(session), session.autocast
+    )
+    guard = _CollapseGuard(session)
+    history: list[StepRecord] = []
+    status, stop_reason, error = "ok", "steps", None
+    try:
+        for step in range(1, config.steps + 1):
+            if cancel is not None and cancel.is_set():
+                status, stop_reason, error = "cancelled", "cancelled", f"cancelled by the user after {step - 1} steps"
+                break
+            t0 = time.perf_counter()
+            record = _train_step(session, step, curvature)
+            if isinstance(record, str):
+                status, stop_reason, error = "failed", "nan", record
+                break
+            reason = guard.check(step, record.retain_loss)
+            reached = reason is None and _target_reached(session, record)
+            record.seconds, record.elapsed = time.perf_counter() - t0, time.perf_counter() - start
+            record.eta = record.elapsed / step * (config.steps - step)
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            if reason is not None:
+                status, stop_reason, error = "failed", "collapse", reason
+                break
+            if reached:
+                stop_reason = "forget_target"
+                break
+    except torch.OutOfMemoryError as err:
+        raise SimuError(
+            f"out of memory on {session.device.type} during unlearning: this run needs about "
+            f"{_size(session.needed_bytes)}. Lower --batch-size, use method 'simu', or use a machine with more memory."
+        ) from err
+    finally:
+        session.leaves.remove()
+    return _result(session, base, status, stop_reason, error, history, time.perf_counter() - start, found)
+
+
+def _generator(session: _Session) -> torch.Generator:
+    return torch.Generator(device=session.device).manual_seed(session.config.seed)
+
+
+def _result(session: _Session, base: LoadedModel, status, stop_reason, error, history, seconds, found) -> UnlearnResult:
+    for p in session.model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return UnlearnResult(
+        model=session.loaded,
+        base=base,
+        config=session.config,
+        status=status,
+        stop_reason=stop_reason,
+        error=error,
+        history=history,
+        mask=session.mask,
+        changes=_changes(session.trainables, base.model) if status != "failed" else [],
+        seconds=seconds,
+        state_bytes=session.opt.state_bytes(),
+        trainable_params=sum(tp.numel() for tp in session.trainables),
+        total_params=count_parameters(session.model),
+        device=str(session.device),
+        warnings=found,
+    )

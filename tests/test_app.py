@@ -1,0 +1,275 @@
+"""The Streamlit app through `streamlit.testing.v1.AppTest`, on the small built-in default.
+
+Background jobs run on the app's real job runner (one worker thread per process); `run_every`
+fragments never fire under AppTest, so a test polls by calling `run()` again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit import config as st_config
+from streamlit.testing.v1 import AppTest
+
+from simu_core import data as qa
+from simu_core.arch import neuron_layers
+from simu_core.attribution import attribute
+from simu_core.masks import NeuronMask
+from simu_core.runs import list_runs, model_fingerprint, run_unlearning
+from simu_core.unlearn import preset_config
+
+REPO = Path(__file__).resolve().parents[1]
+HEADERS = {
+    "model_data": "1 · Model & data",
+    "attribution": "2 · Attribution",
+    "unlearn": "3 · Unlearn",
+    "evaluate": "4 · Evaluate",
+    "connectivity": "5 · Mode connectivity",
+    "runs": "6 · Runs",
+}
+
+
+@pytest.fixture(scope="module")
+def app_home(builtin_dir, tmp_path_factory) -> Path:
+    """A SIMU_HOME whose built-in default is the small test one."""
+    home = tmp_path_factory.mktemp("app_home")
+    (home / "builtin").symlink_to(builtin_dir)
+    return home
+
+
+@pytest.fixture
+def app(app_home, monkeypatch) -> AppTest:
+    """A fresh browser session of the app, opened on its first page."""
+    monkeypatch.setenv("SIMU_HOME", str(app_home))
+    st_config.set_option("runner.magicEnabled", False)  # as .streamlit/config.toml: see the note there
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.fixture(scope="module")
+def library_run(app_home, full_model, builtin_dir) -> Path:
+    """A finished two-step SIMU run in the app's runs folder, made by the library (a fixed mask: no attribution)."""
+    mask = NeuronMask([torch.arange(layer.d_ff) % 16 == 0 for layer in neuron_layers(full_model.model)], "manual")
+    config = preset_config("simu", steps=2, batch_size=8, retain_batch_size=8, probe_every=0, device="cpu")
+    config.stop_forget_em = None
+    forget = qa.load_data(config.forget, root=builtin_dir)
+    retain = qa.load_data(config.retain, root=builtin_dir)
+    _, folder = run_unlearning(config, app_home / "runs", base=full_model, forget=forget, retain=retain, mask=mask)
+    return folder
+
+
+def open_page(at: AppTest, name: str) -> AppTest:
+    at.switch_page(f"pages/{name}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def poll(at: AppTest, done, what: str, seconds: float = 240) -> AppTest:
+    """Rerun the script until `done(at)` (a job finished): what the live fragment does in a browser."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert not at.exception, at.exception
+        if done(at):
+            return at
+        time.sleep(0.3)
+        at.run()
+    raise AssertionError(f"timed out waiting for {what}; errors: {[e.value for e in at.error]}")
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def figures(at: AppTest) -> list[dict]:
+    """The plotly figures on the page, as dicts."""
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def titles(at: AppTest) -> list[str]:
+    return [f["layout"].get("title", {}).get("text", "") for f in figures(at)]
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def attribution_ready(at: AppTest) -> AppTest:
+    """Open the attribution page with the fast method (grad x act) and wait for its three charts."""
+    at.session_state["att_method"] = "grad_x_act"
+    open_page(at, "attribution")
+    return poll(at, lambda a: len(a.get("plotly_chart")) >= 3 or a.error, "the attribution charts")
+
+
+# --------------------------------------------------------------------------- every page loads
+
+
+@pytest.mark.parametrize("page", ["model_data", "unlearn", "evaluate", "connectivity", "runs"])
+def test_page_loads_on_the_builtin_default(app, page):
+    open_page(app, page)
+    assert HEADERS[page] in [h.value for h in app.header]
+    assert not app.error, texts(app.error)
+
+
+def test_model_page_shows_the_builtin_model_and_both_data_sets(app):
+    assert metric(app, "Family") == "llama"
+    assert {"Model source", "Forget set source", "Retain set source"} <= {r.label for r in app.radio}
+    assert len(app.dataframe) == 2  # previews of the forget and retain sets
+
+
+def test_attribution_page_draws_heatmap_scatter_and_bars(app):
+    attribution_ready(app)
+    assert not app.error, texts(app.error)
+    assert HEADERS["attribution"] in [h.value for h in app.header]
+    assert {"Attribution method", "Rule", "Score", "Dual neurons", "Forget example"} <= {s.label for s in app.selectbox}
+    assert app.slider(key="att_value_t").value == preset_config("simu").mask.value
+    shown = titles(app)
+    for words in ("Neuron scores", "Forget vs retain", "Selected neurons per layer"):
+        assert any(words in t for t in shown), (words, shown)
+    for fig in figures(app):  # every chart names its axes
+        assert fig["layout"]["xaxis"]["title"]["text"] and fig["layout"]["yaxis"]["title"]["text"]
+
+
+def test_threshold_slider_changes_the_counts_without_recomputing(app, full_model, builtin_dir):
+    from pages.common import job_runner
+
+    attribution_ready(app)
+    jobs = len(job_runner().jobs())
+    app.selectbox(key="att_score").set_value("forget").run()
+    app.selectbox(key="att_dual").set_value("include").run()
+    # the rule computed independently: critical iff score > t * the layer's max score
+    scores = attribute(full_model, qa.load_data("builtin:forget10", root=builtin_dir), method="grad_x_act")
+    width = sum(scores.widths())
+    seen = {}
+    for t in (0.1, 0.5, 0.9):
+        app.slider(key="att_value_t").set_value(t).run()
+        expected = sum(int((s > t * s.max()).sum()) for s in scores.layers)
+        assert metric(app, "Selected neurons") == f"{expected} of {width}"
+        seen[t] = (expected, metric(app, "Trainable parameters"))
+    assert seen[0.1][0] > seen[0.5][0] > seen[0.9][0]
+    assert len({v[1] for v in seen.values()}) == 3  # the trainable-parameter count follows
+    assert len(job_runner().jobs()) == jobs  # no new attribution job: the scores were reused
+
+
+def test_token_attribution_of_a_chosen_forget_example(app):
+    attribution_ready(app)
+    app.selectbox(key="att_example").set_value(1).run()
+    app.button(key="launch_tokens").click().run()
+    poll(app, lambda a: any("prompt tokens" in t for t in titles(a)) or a.error, "the token chart")
+    assert not app.error, texts(app.error)
+
+
+def test_bad_upload_shows_the_validation_error_and_keeps_the_old_set(app):
+    app.radio(key="forget_kind").set_value("Upload JSONL/CSV").run()
+    app.file_uploader(key="forget_file").upload("mine.csv", b"question,reply\nWho?,Me.\n", "text/csv").run()
+    errors = " ".join(texts(app.error))
+    assert "missing column(s) 'answer'" in errors and "Could not read the uploaded forget file" in errors
+    assert "upload:" not in " ".join(m.value for m in app.sidebar.markdown)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def launch_unlearning(app: AppTest, steps: int, method: str = "simu") -> AppTest:
+    open_page(app, "unlearn")
+    app.selectbox(key="ul_method").set_value(method).run()
+    app.number_input(key=f"ul_{method}_steps").set_value(steps)
+    app.number_input(key=f"ul_{method}_batch_size").set_value(8)
+    app.checkbox(key=f"ul_{method}_stop_on").uncheck()
+    app.button(key="launch_unlearn").click().run()
+    assert not app.error, texts(app.error)
+    return app
+
+
+def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_page(app, full_model):
+    from pages.common import cached_model
+
+    attribution_ready(app)  # the run then trains the neurons selected there
+    launch_unlearning(app, steps=3)
+    assert "Mask from the Attribution page" in app.success[0].value
+    poll(app, lambda a: len(a.success) > 1 or a.error, "the unlearning run")
+    assert not app.error, texts(app.error)
+    name = re.search(r"Run `([^`]+)`: \*\*ok\*\* \(steps\) after 3 steps", app.success[-1].value).group(1)
+    assert "Losses during unlearning" in titles(app)
+    open_page(app, "runs")
+    assert name in app.dataframe[0].value["run"].tolist()
+    # the run trained its own copy: the model shared by all sessions is still the one on disk
+    shared = cached_model("builtin:full", "auto", False)
+    assert model_fingerprint(shared.model) == model_fingerprint(full_model.model)
+
+
+def test_cancel_stops_a_running_unlearning_job(app):
+    launch_unlearning(app, steps=5000, method="fo_graddiff")  # no mask to compute: steps start at once
+    poll(app, lambda a: any("step " in p.proto.text for p in a.get("progress")), "the first steps")
+    app.button(key="cancel_unlearn").click().run()
+    poll(app, lambda a: a.warning, "the cancelled notice", seconds=60)
+    assert "was cancelled" in app.warning[0].value
+    assert any(r.status == "cancelled" for r in list_runs(Path(app.session_state["runs_dir"])))
+
+
+def test_a_second_job_waits_in_the_queue_and_says_so(app, library_run):
+    from pages.common import job_runner
+
+    gate = threading.Event()
+    blocker = job_runner().submit("another user's job", lambda ctx: gate.wait(60))
+    try:
+        open_page(app, "connectivity")
+        app.number_input(key="conn_points").set_value(3)
+        app.button(key="launch_connect").click().run()
+        assert any(re.search(r"waiting: queued: \d+ job\(s\) ahead", i.value) for i in app.info), texts(app.info)
+    finally:
+        gate.set()
+    blocker.wait(10)
+    poll(app, lambda a: a.get("plotly_chart") or a.error, "the path after the queue")
+    assert not app.error, texts(app.error)
+
+
+def test_connectivity_plots_losses_along_the_path_with_the_barrier(app, library_run):
+    open_page(app, "connectivity")
+    app.selectbox(key="conn_b").set_value(next(o for o in app.selectbox(key="conn_b").options if library_run.name in o))
+    app.number_input(key="conn_points").set_value(5).run()
+    app.number_input(key="conn_sample").set_value(20).run()
+    app.button(key="launch_connect").click().run()
+    poll(app, lambda a: a.get("plotly_chart") or a.error, "the path")
+    assert not app.error, texts(app.error)
+    fig = figures(app)[0]
+    assert {"forget barrier", "retain barrier"} <= {trace["name"] for trace in fig["data"]}
+    assert fig["layout"]["yaxis"]["title"]["text"] == "loss (nats / answer token)"
+    assert metric(app, "Forget barrier").endswith("nats")
+
+
+def test_runs_page_opens_compares_and_deletes_runs(app, library_run, app_home):
+    open_page(app, "runs")
+    app.selectbox(key="runs_open").set_value(library_run.name).run()
+    assert "Losses during unlearning" in titles(app)
+    names = app.selectbox(key="runs_open").options
+    if len(names) >= 2:
+        app.multiselect(key="runs_compare").set_value(names[:2]).run()
+        assert not app.error, texts(app.error)
+    victim = next(n for n in names if n != library_run.name) if len(names) >= 2 else None
+    if victim is not None:
+        app.selectbox(key="runs_open").set_value(victim).run()
+        app.checkbox(key=f"runs_sure_{victim}").check().run()
+        app.button(key="runs_delete").click().run()
+        assert victim not in [r.name for r in list_runs(app_home / "runs")]
+
+
+@pytest.mark.slow
+def test_evaluate_page_shows_before_and_after_for_a_run(app, library_run):
+    open_page(app, "evaluate")
+    app.selectbox(key="ev_run").set_value(library_run.name).run()
+    app.number_input(key="ev_items").set_value(4).run()
+    app.button(key="launch_evaluate").click().run()
+    poll(app, lambda a: a.get("plotly_chart") or a.error, "the evaluation", seconds=400)
+    assert not app.error, texts(app.error)
+    assert {"Forget quality", "Model utility", "Forget ROUGE-L"} <= {m.label for m in app.metric}
+    columns = set(app.dataframe[0].value.columns)
+    assert {"question", "gold answer", "answer before", "answer after"} <= columns
+    assert (library_run / "report.html").is_file()
