@@ -23,45 +23,29 @@ Prints a table and writes bench/results/attribution.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import REPO, RESULTS, TEST_BUILD, pick_root, write_json  # noqa: E402, F401
 from scipy.stats import spearmanr
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from simu_core import data as qa  # noqa: E402
 from simu_core.arch import neuron_layers  # noqa: E402
 from simu_core.attribution import METHODS, attribute, batch_loglik, injected, make_batches  # noqa: E402
-from simu_core.config import BuiltinConfig, builtin_root  # noqa: E402
+from simu_core.config import BuiltinConfig  # noqa: E402
 from simu_core.masks import NeuronMask, make_mask, overlap, random_mask_like  # noqa: E402
 from simu_core.models import (  # noqa: E402
     LoadedModel,
-    builtin_status,
     load_model,
     make_tiny_llama,
     read_manifest,
     train_tokenizer,
 )
 
-TEST_BUILD = REPO / ".pytest_cache" / "simu_builtin"
 N_RANDOM = 5
-
-
-def pick_root(root: str | None) -> tuple[Path, str]:
-    if root:
-        return Path(root), "--root"
-    if builtin_status(builtin_root()) == "ok":
-        return builtin_root(), "user built-in default"
-    if builtin_status(TEST_BUILD) == "ok":
-        return TEST_BUILD, "test-size build (the full built-in default is not built)"
-    raise SystemExit("no built-in model found: run `python -m simu_core build-default` or pass --root")
 
 
 def mean_nll(model, batches, mask: NeuronMask | None) -> float:
@@ -141,7 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "attribution.json"))
+    parser.add_argument("--out", default=str(RESULTS / "attribution.json"))
     parser.add_argument("--no-shape-speed", action="store_true", help="skip the default-shape speed table")
     parser.add_argument("--shape-methods", default="simu_ig,simu_ig_joint,grad_x_act", help="methods timed there")
     args = parser.parse_args()
@@ -228,10 +212,7 @@ def main() -> None:
     default_shape = (manifest.get("config") or {}).get("model") == {**vars(BuiltinConfig().model)}
     if not default_shape and not args.no_shape_speed:
         result["default_shape_speed"] = default_shape_speed(args.shape_methods.split(","), args.steps, args.batch_size)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(f"wrote {out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Writes bench/results/connectivity-<threads>threads.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -39,12 +38,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, RESULTS, TEST_BUILD, pick_root, write_json  # noqa: E402, F401
 
 from simu_core import data as qa  # noqa: E402
-from simu_core.config import builtin_root  # noqa: E402
 from simu_core.connectivity import (  # noqa: E402
     FitConfig,
     evaluate_path,
@@ -53,23 +49,11 @@ from simu_core.connectivity import (  # noqa: E402
     make_path,
     sample_items,
 )
-from simu_core.models import builtin_status, load_model  # noqa: E402
+from simu_core.models import load_model  # noqa: E402
 from simu_core.runs import save_run  # noqa: E402
 from simu_core.unlearn import compute_mask, preset_config, unlearn  # noqa: E402
 
-TEST_BUILD = REPO / ".pytest_cache" / "simu_builtin"
-RESULTS = REPO / "bench" / "results"
 TARGETS = {"linear_seconds": 15.0, "fit_seconds": 60.0}
-
-
-def pick_root(root: str | None) -> tuple[Path, str]:
-    if root:
-        return Path(root), "--root"
-    if builtin_status(builtin_root()) == "ok":
-        return builtin_root(), "user built-in default"
-    if builtin_status(TEST_BUILD) == "ok":
-        return TEST_BUILD, "test-size build (the full built-in default is not built)"
-    raise SystemExit("no built-in model found: run `python -m simu_core build-default` or pass --root")
 
 
 class Timer:
@@ -177,7 +161,6 @@ def main() -> None:
     print(f"fit: {history.steps} steps, objective {history.summary()['first_loss']:.4f} -> "
           f"{history.summary()['last_loss']:.4f}; peak RSS {peak_rss / 2**20:.0f} MiB")  # fmt: skip
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {
         "where": where,
         "root": str(root),
@@ -202,9 +185,7 @@ def main() -> None:
         "mean_objective": {"linear": objective(linear), "bezier_fitted": objective(fitted)},
         "peak_rss_bytes": peak_rss,
     }
-    out_file = RESULTS / f"connectivity-{args.threads}threads.json"
-    out_file.write_text(json.dumps(out, indent=1), encoding="utf-8")
-    print(f"wrote {out_file}")
+    write_json(RESULTS / f"connectivity-{args.threads}threads.json", out)
 
 
 if __name__ == "__main__":

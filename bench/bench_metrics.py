@@ -12,33 +12,17 @@ per-split sample), to show what the `max_items` sample saves.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from _common import RESULTS, pick_root, write_json  # noqa: E402
 
 from simu_core import data as qa  # noqa: E402
 from simu_core import metrics, models  # noqa: E402
-from simu_core.config import builtin_root  # noqa: E402
 
-TEST_BUILD = REPO / ".pytest_cache" / "simu_builtin"
 FAMILIES = ("generation", "likelihood", "truth_ratio", "membership", "fluency", "summary", "reference")
-
-
-def pick_build() -> tuple[Path, str]:
-    """The full-size built-in if it is complete, else the test build."""
-    if models.builtin_status(builtin_root()) == "ok":
-        return builtin_root(), "full-size built-in ($SIMU_HOME/builtin)"
-    if models.builtin_status(TEST_BUILD) == "ok":
-        return TEST_BUILD, "small test build (.pytest_cache/simu_builtin; the full-size one is not built)"
-    raise SystemExit("no built-in default: run `python -m simu_core build-default` or the test suite first")
 
 
 def run_once(full, reference, datasets, config: metrics.EvalConfig) -> tuple[metrics.Report, float]:
@@ -76,11 +60,11 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=metrics.EvalConfig().max_items, help="sample per split")
     parser.add_argument("--all-items", action="store_true", help="also time the evaluation of every item")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "metrics.json"))
+    parser.add_argument("--out", default=str(RESULTS / "metrics.json"))
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    root, which = pick_build()
+    root, which = pick_root(None)
     print(f"build: {which}", flush=True)
     full = models.load_model("builtin:full", device=args.device, root=root)
     reference = models.load_model("builtin:retain10", device=args.device, root=root)
@@ -108,10 +92,7 @@ def main() -> None:
         "target_seconds": 20,
         "runs": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(f"wrote {out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,37 +24,19 @@ Writes bench/results/unlearn.json (speed) or bench/results/unlearn_quality.json 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, RESULTS, TEST_BUILD, pick_root, write_json  # noqa: E402, F401
 
 from simu_core import data as qa  # noqa: E402
-from simu_core.config import builtin_root  # noqa: E402
 from simu_core.metrics import rouge_l_recall  # noqa: E402
-from simu_core.models import builtin_status, exact_match, greedy_answers, load_model  # noqa: E402
+from simu_core.models import exact_match, greedy_answers, load_model  # noqa: E402
 from simu_core.unlearn import METHODS, compute_mask, preset_config, unlearn  # noqa: E402
-
-TEST_BUILD = REPO / ".pytest_cache" / "simu_builtin"
-RESULTS = REPO / "bench" / "results"
-
-
-def pick_root(root: str | None) -> tuple[Path, str]:
-    if root:
-        return Path(root), "--root"
-    if builtin_status(builtin_root()) == "ok":
-        return builtin_root(), "user built-in default"
-    if builtin_status(TEST_BUILD) == "ok":
-        return TEST_BUILD, "test-size build (the full built-in default is not built)"
-    raise SystemExit("no built-in model found: run `python -m simu_core build-default` or pass --root")
 
 
 def evaluate(model, loaded, splits: dict[str, qa.QADataset]) -> dict[str, float]:
@@ -191,10 +173,7 @@ def main() -> None:
         "ratios come from one interleaved run",
         **body,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("unlearn_quality.json" if args.quality else "unlearn.json")
-    out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    print(f"\nwritten {out}")
+    write_json(RESULTS / ("unlearn_quality.json" if args.quality else "unlearn.json"), report)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ Cells are stored per point under `bench/results/tuning/<method>/<point>/` and re
     .venv/bin/python bench/tune_presets.py --method simu --grid gamma=5,10 --grid mask.value=0.2,0.4
     .venv/bin/python bench/tune_presets.py --method so_graddiff --grid lr=5e-5,1e-4,2e-4
 
-Prints one row per point (forget EM, retain EM, world-facts EM, model utility, log10 forget quality,
-steps) and writes bench/results/tuning/<method>.json.
+    .venv/bin/python bench/tune_presets.py --method simu --table     # only the table of stored points
+
+Then prints every point stored for the method so far (forget EM, retain EM, world-facts EM, model
+utility, log10 forget quality, steps) as a Markdown table and writes bench/results/tuning/<method>.json.
 """
 
 from __future__ import annotations
@@ -17,13 +19,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import RESULTS, write_json  # noqa: E402
 
 from simu_core.benchmark import TUNING_SEED, QualityConfig, ensure_size, run_quality  # noqa: E402
 from simu_core.metrics import EvalConfig  # noqa: E402
@@ -69,6 +67,28 @@ def point_name(point: dict) -> str:
     return "_".join(f"{k}={v}" for k, v in point.items()) or "preset"
 
 
+def stored_points(method: str) -> list[dict]:
+    """Every grid point of `method` stored so far (any call), as rows: point, status, mask size, metrics."""
+    rows = []
+    for cell in sorted((RESULTS / "tuning" / method).glob(f"*/quality/cells/*__{method}__seed{TUNING_SEED}.json")):
+        record = json.loads(cell.read_text(encoding="utf-8"))
+        values = {c: record.get(c, record["metrics"].get(c)) for c in COLUMNS}
+        rows.append({"point": cell.parents[2].name, "status": record["status"],
+                     "mask_neurons": record.get("mask_neurons"), **values})  # fmt: skip
+    return rows
+
+
+def markdown(method: str, rows: list[dict]) -> str:
+    """One Markdown table of the stored points of `method`."""
+    head = ["point", "status", "mask neurons", *COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"`{row['point']}`", row["status"], str(row["mask_neurons"] or "-")]
+        cells += [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return f"#### {method}\n\n" + "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", required=True)
@@ -76,28 +96,21 @@ def main() -> None:
     parser.add_argument("--split", default="forget10")
     parser.add_argument("--root", default=None, help="built-in cache folder (default: the user's built-in)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="only print the stored points as Markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = args.root or str(ensure_size(None))
-    out_root = REPO / "bench" / "results" / "tuning" / args.method
-    rows = []
-    for point in grid_points(args.grid):
-        qc = QualityConfig(splits=[args.split], methods=[args.method], seeds=[TUNING_SEED],
-                           eval=EvalConfig(max_items=200, max_new_tokens=32), overrides=as_overrides(point),
-                           root=root, out=str(out_root / point_name(point)))  # fmt: skip
-        result = run_quality(qc)
-        record = next(r for r in result.records if r["method"] == args.method)
-        values = {c: record.get(c, record["metrics"].get(c)) for c in COLUMNS}
-        rows.append({"point": point, "status": record["status"], **values})
-        print(point_name(point).ljust(48), record["status"].ljust(7),
-              " ".join(f"{c.split('/')[0][:6]}={v:.3f}" if isinstance(v, float) else f"{c}={v}"
-                       for c, v in values.items()), flush=True)  # fmt: skip
-    out = out_root.with_suffix(".json")
-    existing = json.loads(out.read_text()) if out.exists() else []
-    seen = {json.dumps(r["point"], sort_keys=True) for r in rows}
-    kept = [r for r in existing if json.dumps(r["point"], sort_keys=True) not in seen]
-    out.write_text(json.dumps(kept + rows, indent=1))
-    print(f"wrote {out}")
+    out_root = RESULTS / "tuning" / args.method
+    if not args.table:
+        root = args.root or str(ensure_size(None))
+        for point in grid_points(args.grid):
+            qc = QualityConfig(splits=[args.split], methods=[args.method], seeds=[TUNING_SEED],
+                               eval=EvalConfig(max_items=200, max_new_tokens=32), overrides=as_overrides(point),
+                               root=root, out=str(out_root / point_name(point)))  # fmt: skip
+            record = next(r for r in run_quality(qc).records if r["method"] == args.method)
+            print(point_name(point).ljust(48), record["status"], record["metrics"].get("model_utility"), flush=True)
+    rows = stored_points(args.method)
+    write_json(out_root.with_suffix(".json"), rows)
+    print(markdown(args.method, rows))
 
 
 if __name__ == "__main__":

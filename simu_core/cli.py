@@ -281,7 +281,9 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default="builtin:full", help="model spec (default builtin:full)")
     p.add_argument("--forget", default="builtin:forget10", help="forget data spec (default builtin:forget10)")
-    p.add_argument("--retain", default="builtin:retain10", help="retain data spec, or 'none' (default builtin:retain10)")
+    p.add_argument(
+        "--retain", default="builtin:retain10", help="retain data spec, or 'none' (default builtin:retain10)"
+    )
     p.add_argument("--method", default="simu", choices=list(METHODS), help="unlearning method (default simu)")
     p.add_argument("--mask", default=None, help="neuron mask file from `mask` (simu/random_mask; else computed)")
     for name, kind, text in [("mask-method", str, "attribution method (simu_ig, grad_x_act, ...)"),

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from simu_core.unlearn import preset_config
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "artifacts"
@@ -167,9 +169,11 @@ def test_journey_attribution_and_unlearning_on_the_builtin_default(page, server)
         timings[f"{name}_to_redrawn_s"] = time.perf_counter() - start
         assert metric_value(page, "Selected neurons") != before
         before = metric_value(page, "Selected neurons")
-    for _ in range(29):  # back from t = 0.01 to the preset's t = 0.30, for the run below
+    preset_t = preset_config("simu").mask.value
+    for _ in range(round(preset_t * 100) - 1):  # back from t = 0.01 to the preset's t, for the run below
         page.keyboard.press("ArrowRight")
-    page.wait_for_function("el => el.getAttribute('aria-valuetext') === '0.30'", arg=slider.element_handle())
+    page.wait_for_function("([el, t]) => el.getAttribute('aria-valuetext') === t",
+                           arg=[slider.element_handle(), f"{preset_t:.2f}"])  # fmt: skip
     time.sleep(1)
     settle(page)
 
