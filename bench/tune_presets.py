@@ -28,6 +28,9 @@ from simu_core.metrics import EvalConfig  # noqa: E402
 
 COLUMNS = ("forget/exact_match", "retain/exact_match", "world_facts/exact_match", "model_utility",
            "log10_forget_quality", "steps_done")  # fmt: skip
+# The effective settings of a point, read back from its cell's config (the point name lists only the overrides).
+SETTINGS = ("lr", "gamma", "steps", "attention", "mlp_parts", "mask.value", "mask.score", "mask.dual")
+MASKED = ("simu", "random_mask")  # methods whose mask and trainable-set settings mean something
 
 
 def parse_value(text: str):
@@ -74,16 +77,24 @@ def stored_points(method: str) -> list[dict]:
         record = json.loads(cell.read_text(encoding="utf-8"))
         values = {c: record.get(c, record["metrics"].get(c)) for c in COLUMNS}
         rows.append({"point": cell.parents[2].name, "status": record["status"],
+                     "settings": effective_settings(record["config"], method),
                      "mask_neurons": record.get("mask_neurons"), **values})  # fmt: skip
     return rows
 
 
+def effective_settings(config: dict, method: str) -> dict:
+    """The `SETTINGS` of one cell's unlearning config (mask and trainable-set fields only for masked methods)."""
+    names = SETTINGS if method in MASKED else SETTINGS[:3]
+    return {n: config["mask"][n.removeprefix("mask.")] if n.startswith("mask.") else config[n] for n in names}
+
+
 def markdown(method: str, rows: list[dict]) -> str:
     """One Markdown table of the stored points of `method`."""
-    head = ["point", "status", "mask neurons", *COLUMNS]
+    head = ["point", "settings", "status", "mask neurons", *COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [f"`{row['point']}`", row["status"], str(row["mask_neurons"] or "-")]
+        settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+        cells = [f"`{row['point']}`", settings, row["status"], str(row["mask_neurons"] or "-")]
         cells += [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return f"#### {method}\n\n" + "\n".join(lines) + "\n"
