@@ -28,9 +28,11 @@ from simu_core.metrics import EvalConfig  # noqa: E402
 
 COLUMNS = ("forget/exact_match", "retain/exact_match", "world_facts/exact_match", "model_utility",
            "log10_forget_quality", "steps_done")  # fmt: skip
-# The effective settings of a point, read back from its cell's config (the point name lists only the overrides).
-SETTINGS = ("lr", "gamma", "steps", "attention", "mlp_parts", "mask.value", "mask.score", "mask.dual")
-MASKED = ("simu", "random_mask")  # methods whose mask and trainable-set settings mean something
+# The effective settings of a point, read back from its cell's config (the point name lists only the overrides);
+# the trainable-set and mask settings only mean something for the masked methods.
+SETTINGS = ("lr", "gamma", "steps")
+MASKED_SETTINGS = ("attention", "mlp_parts", "mask.value", "mask.score", "mask.dual")
+MASKED = ("simu", "random_mask")
 
 
 def parse_value(text: str):
@@ -83,8 +85,8 @@ def stored_points(method: str) -> list[dict]:
 
 
 def effective_settings(config: dict, method: str) -> dict:
-    """The `SETTINGS` of one cell's unlearning config (mask and trainable-set fields only for masked methods)."""
-    names = SETTINGS if method in MASKED else SETTINGS[:3]
+    """The `SETTINGS` (and, for masked methods, `MASKED_SETTINGS`) of one cell's unlearning config."""
+    names = SETTINGS + MASKED_SETTINGS if method in MASKED else SETTINGS
     return {n: config["mask"][n.removeprefix("mask.")] if n.startswith("mask.") else config[n] for n in names}
 
 

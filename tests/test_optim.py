@@ -352,7 +352,7 @@ def test_hutchinson_through_slice_leaves_matches_the_exact_hessian_of_the_real_m
     )
     mean, se = samples.mean(0), samples.std(0) / n**0.5
     assert ((mean - exact).abs() <= 5 * se + 1e-9).all()  # 5 standard errors per coordinate (float64)
-    # Power: the off-diagonal Hessian terms make each probe noisy (one sample's SE is ~the diagonal itself),
+    # Power: the off-diagonal Hessian terms make a single probe's spread about as large as the diagonal itself,
     # so n = 1000 probes are needed for several coordinates to be resolved well enough that a factor-2 error
-    # in them would break the assertion above (200 probes resolved only one on the test build).
+    # in them would break the assertion above (200 probes resolved only one on the test build; 1000 resolve 63).
     assert int((5 * se < 0.5 * exact.abs()).sum()) >= 3
