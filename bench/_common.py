@@ -9,8 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from simu_core.builtin import builtin_status  # noqa: E402
 from simu_core.config import builtin_root  # noqa: E402
-from simu_core.models import builtin_status  # noqa: E402
 
 TEST_BUILD = REPO / ".pytest_cache" / "simu_builtin"
 RESULTS = REPO / "bench" / "results"

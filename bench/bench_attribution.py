@@ -35,15 +35,10 @@ from scipy.stats import spearmanr
 from simu_core import data as qa  # noqa: E402
 from simu_core.arch import neuron_layers  # noqa: E402
 from simu_core.attribution import METHODS, attribute, batch_loglik, injected, make_batches  # noqa: E402
+from simu_core.builtin import make_tiny_llama, read_manifest, train_tokenizer  # noqa: E402
 from simu_core.config import BuiltinConfig  # noqa: E402
 from simu_core.masks import NeuronMask, make_mask, overlap, random_mask_like  # noqa: E402
-from simu_core.models import (  # noqa: E402
-    LoadedModel,
-    load_model,
-    make_tiny_llama,
-    read_manifest,
-    train_tokenizer,
-)
+from simu_core.models import LoadedModel, load_model  # noqa: E402
 
 N_RANDOM = 5
 

@@ -19,8 +19,8 @@ import time
 import torch  # noqa: E402
 from _common import RESULTS, pick_root, write_json  # noqa: E402
 
+from simu_core import builtin, metrics, models  # noqa: E402
 from simu_core import data as qa  # noqa: E402
-from simu_core import metrics, models  # noqa: E402
 
 FAMILIES = ("generation", "likelihood", "truth_ratio", "membership", "fluency", "summary", "reference")
 
@@ -82,7 +82,7 @@ def main() -> None:
     result = {
         "build": str(root),
         "build_kind": which,
-        "n_authors": models.read_manifest(root)["config"]["n_authors"],
+        "n_authors": builtin.read_manifest(root)["config"]["n_authors"],
         "device": args.device,
         "threads": args.threads,
         "load_average_1min_at_start": load_avg,

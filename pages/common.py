@@ -19,11 +19,12 @@ import streamlit as st
 import torch
 
 from simu_core import data as qa
+from simu_core.builtin import builtin_status, ensure_builtin
 from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
 from simu_core.jobs import CANCELLED, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
 from simu_core.metrics import Report
-from simu_core.models import LoadedModel, builtin_status, ensure_builtin, load_model
+from simu_core.models import LoadedModel, load_model
 from simu_core.report import runs_figure
 from simu_core.runs import history_figure, list_runs, read_config, read_history
 

@@ -353,7 +353,8 @@ def describe_run(qc: QualityConfig, seconds: float) -> dict:
     """Settings, versions and machine of this run (saved in quality.json and printed in the Markdown)."""
     import transformers
 
-    from simu_core.models import read_manifest, resolve_model_source
+    from simu_core.builtin import read_manifest
+    from simu_core.models import resolve_model_source
 
     device = torch.device(qc.device) if qc.device else None
     if device is None:
@@ -636,8 +637,8 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
 
 def ensure_size(size: str | None, progress: Progress = _no_progress) -> Path:
     """The built-in cache of `size` (None: $SIMU_BUILTIN_SIZE / default), built first if missing or stale."""
+    from simu_core.builtin import build_default, builtin_status
     from simu_core.config import builtin_config, builtin_root
-    from simu_core.models import build_default, builtin_status
 
     root = builtin_root(size)
     status = builtin_status(root)

@@ -36,7 +36,7 @@ def stderr_progress(message: str, fraction: float) -> None:
 def ensure_builtin_for(*specs: str | None) -> None:
     """Build the built-in default first if any spec names it and it is missing."""
     if any(s and s.startswith("builtin:") for s in specs):
-        from simu_core.models import ensure_builtin
+        from simu_core.builtin import ensure_builtin
 
         ensure_builtin(progress=stderr_progress)
 
@@ -59,8 +59,8 @@ def _build_default_args(p: argparse.ArgumentParser) -> None:
 
 @command("build-default", "build the built-in authors benchmark and tiny models (cached)", _build_default_args)
 def build_default_cmd(args: argparse.Namespace) -> dict:
+    from simu_core.builtin import build_default, builtin_status, read_manifest
     from simu_core.config import builtin_config, builtin_root
-    from simu_core.models import build_default, builtin_status, read_manifest
 
     config = builtin_config(args.size)
     config.seed = args.seed

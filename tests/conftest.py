@@ -39,7 +39,7 @@ def _isolated_simu_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def builtin_dir() -> Path:
     """A small built-in default (benchmark + models), built once and cached in .pytest_cache."""
-    from simu_core.models import ensure_builtin
+    from simu_core.builtin import ensure_builtin
 
     root = REPO / ".pytest_cache" / "simu_builtin"
     return ensure_builtin(root, TEST_BUILTIN)

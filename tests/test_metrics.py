@@ -17,8 +17,8 @@ from rouge_score import rouge_scorer
 from scipy.stats import hmean, ks_2samp
 from torch import nn
 
+from simu_core import builtin, metrics, models
 from simu_core import data as qa
-from simu_core import metrics, models
 from simu_core.errors import SimuError
 
 
@@ -358,7 +358,7 @@ def test_data_without_paraphrases_skips_those_metrics_with_a_reason(full_model, 
 
 
 def test_reference_with_another_tokenizer_is_refused(full_model, splits):
-    other = models.train_tokenizer(["a completely different corpus of words"] * 20, vocab_size=300)
+    other = builtin.train_tokenizer(["a completely different corpus of words"] * 20, vocab_size=300)
     reference = models.LoadedModel(full_model.model, other, full_model.fmt, "other-tokenizer", "other")
     with pytest.raises(SimuError, match="another tokenizer"):
         metrics.evaluate(full_model, {"forget": splits["forget"]}, reference)

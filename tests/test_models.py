@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
-from simu_core import models
+from simu_core import builtin, models
 from simu_core.config import to_dict
 from simu_core.errors import SimuError
 from tests.conftest import TEST_BUILTIN
@@ -15,25 +15,25 @@ from tests.conftest import TEST_BUILTIN
 
 def test_builtin_full_memorises_its_training_set(builtin_dir):
     # The small test build (20 authors, 2 layers) reaches ~0.96; the full-size >= 0.95 is a slow test.
-    scores = models.read_manifest(builtin_dir)["exact_match"]
+    scores = builtin.read_manifest(builtin_dir)["exact_match"]
     assert scores["full/full"] >= 0.9
 
 
 @pytest.mark.slow
 def test_full_size_default_build_memorises_and_retain_reference_does_not(tmp_path):
-    manifest = models.build_default(tmp_path / "builtin")
+    manifest = builtin.build_default(tmp_path / "builtin")
     assert manifest["exact_match"]["full/full"] >= 0.95
     assert manifest["exact_match"]["retain10/forget10"] <= 0.2
 
 
 def test_retain_reference_never_saw_the_forget_authors(builtin_dir):
-    scores = models.read_manifest(builtin_dir)["exact_match"]
+    scores = builtin.read_manifest(builtin_dir)["exact_match"]
     assert scores["retain10/retain10"] >= 0.9
     assert scores["retain10/forget10"] <= 0.2
 
 
 def test_manifest_records_seed_config_versions_and_hashes(builtin_dir):
-    manifest = models.read_manifest(builtin_dir)
+    manifest = builtin.read_manifest(builtin_dir)
     assert manifest["seed"] == TEST_BUILTIN.seed and manifest["config"] == to_dict(TEST_BUILTIN)
     assert {"torch", "transformers", "simu_core"} <= set(manifest["versions"])
     assert "models/full/model.safetensors" in manifest["files"]
@@ -76,17 +76,17 @@ def test_local_folder_round_trip(full_model, tmp_path):
 
 def test_stale_cache_is_detected(builtin_dir):
     other = TEST_BUILTIN.__class__(n_authors=TEST_BUILTIN.n_authors + 1)
-    assert models.builtin_status(builtin_dir, TEST_BUILTIN) == "ok"
-    assert models.builtin_status(builtin_dir, other).startswith("stale")
+    assert builtin.builtin_status(builtin_dir, TEST_BUILTIN) == "ok"
+    assert builtin.builtin_status(builtin_dir, other).startswith("stale")
 
 
 def test_tampered_or_half_built_cache_is_not_taken_for_good(builtin_dir, tmp_path):
     copy = tmp_path / "builtin"
     shutil.copytree(builtin_dir, copy)
     (copy / "models" / "retain05" / "model.safetensors").unlink()
-    assert models.builtin_status(copy).startswith("stale: files changed or incomplete")
+    assert builtin.builtin_status(copy).startswith("stale: files changed or incomplete")
     (copy / "manifest.json").unlink()
-    assert models.builtin_status(copy) == "missing"
+    assert builtin.builtin_status(copy) == "missing"
 
 
 def test_pick_device_falls_back_to_cpu_without_accelerators():
@@ -153,5 +153,5 @@ def test_folders_of_killed_builds_are_cleaned_up_but_running_ones_kept(tmp_path)
     alive = tmp_path / f".builtin.building-{os.getpid()}-y"
     for folder in (dead, dead_pid, alive):
         folder.mkdir()
-    models._remove_abandoned_builds(tmp_path / "builtin")
+    builtin._remove_abandoned_builds(tmp_path / "builtin")
     assert not dead.exists() and not dead_pid.exists() and alive.exists()
