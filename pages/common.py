@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +19,14 @@ import streamlit as st
 import torch
 
 from simu_core import data as qa
-from simu_core.builtin import builtin_status, ensure_builtin
+from simu_core.builtin import (
+    BuildStatus,
+    build_active,
+    missing_parts,
+    parts_for_specs,
+    read_build_status,
+    start_background_build,
+)
 from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
 from simu_core.jobs import CANCELLED, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
@@ -77,41 +84,56 @@ def job_runner() -> JobRunner:
     return JobRunner()
 
 
-@st.cache_resource(show_spinner=False)
-def _build_lock() -> threading.Lock:
-    return threading.Lock()
+def require_builtin(*specs: str | None) -> None:
+    """Stop the page until the built-in parts these specs need are ready, showing the build's live progress.
 
-
-_READY: set[str] = set()  # built-in folders found intact by this server (checking hashes every file: once is enough)
-
-
-def ensure_builtin_with_progress() -> bool:
-    """Build the built-in default on first use, with a progress bar. False if it failed."""
+    The build runs in a process of its own (`builtin.start_background_build`), started here if none is
+    running: closing this tab does not stop it, every tab shows its progress, and a build whose process
+    died is resumed from the parts it finished.
+    """
+    parts = parts_for_specs(*specs)
     root = builtin_root()
-    if str(root) in _READY:
-        return True
-    if builtin_status(root) == "ok":
-        _READY.add(str(root))
-        return True
-    lock = _build_lock()
-    if not lock.acquire(blocking=False):  # another session is building it right now: wait for that build
-        with st.spinner("Another session is building the built-in default; this page continues when it is ready."):
-            lock.acquire()
-    try:
-        if builtin_status(root) == "ok":
-            _READY.add(str(root))
-            return True
-        st.info("First start: building the built-in benchmark and models (a few minutes on a laptop CPU, once).")
-        bar = st.progress(0.0, text="Building the built-in default...")
-        try:
-            ensure_builtin(root, progress=lambda message, fraction: bar.progress(min(1.0, fraction), text=message))
-        except Exception as err:
-            show_error(err, "build the built-in default")
-            return False
-        bar.empty()
-    finally:
-        lock.release()
-    return True
+    if not parts or not missing_parts(root, parts):
+        return
+    status = read_build_status(root)
+    if status is not None and status.state == "failed" and not build_active(root):
+        st.error(f"**Could not build the built-in default.** {status.error}")
+        st.caption(f"The build's log: `{root / '.build' / 'log.txt'}`.")
+        if st.button("Try the build again", type="primary"):
+            start_background_build(root)
+            st.rerun()
+        st.stop()
+    start_background_build(root)  # no-op while one runs
+
+    @st.fragment(run_every=1.0)
+    def panel() -> None:
+        if not missing_parts(root, parts):
+            st.rerun()
+        now = read_build_status(root)
+        if now is not None and now.state in ("failed", "interrupted") and not build_active(root):
+            st.rerun()  # the page decides: show the error, or resume the build
+        show_build_progress(now, parts)
+
+    st.info(
+        "**First start: building the built-in default** (benchmark, tokenizer and tiny models; once, then "
+        "cached). This page continues by itself when the part it needs is ready; you may close the tab."
+    )
+    panel()
+    st.stop()
+
+
+def show_build_progress(status: BuildStatus | None, waiting_for: tuple[str, ...]) -> None:
+    """A progress bar with the build's message, elapsed time and ETA, and which parts are ready."""
+    if status is None or status.state != "running":
+        st.progress(0.0, text="Starting the build process...")
+        return
+    eta = "estimating the time left" if status.eta_seconds is None else f"about {_duration(status.eta_seconds)} left"
+    st.progress(status.fraction, text=f"{status.message} · {_duration(time.time() - status.started)} · {eta}")
+    marks = {"ok": "✅", "building": "⏳"}
+    st.caption(
+        "  ·  ".join(f"{marks.get(state, '▫️')} {part}" for part, state in status.parts.items())
+        + f"  (this page needs: {', '.join(waiting_for)})"
+    )
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=4)
@@ -121,10 +143,9 @@ def cached_model(spec: str, device: str, trust_remote_code: bool) -> LoadedModel
 
 
 def current_model() -> LoadedModel | None:
-    """The session's model (building the built-in default first if needed); None after an error."""
+    """The session's model (waiting for the built-in default's build if needed); None after an error."""
     spec = st.session_state["model_spec"]
-    if spec.startswith("builtin:") and not ensure_builtin_with_progress():
-        return None
+    require_builtin(spec)
     try:
         return cached_model(spec, st.session_state["device"], st.session_state["trust_remote_code"])
     except Exception as err:
@@ -143,8 +164,7 @@ def current_data(role: str) -> qa.QADataset | None:
     if upload is not None:
         return upload
     spec = st.session_state[f"{role}_spec"]
-    if spec.startswith("builtin:") and not ensure_builtin_with_progress():
-        return None
+    require_builtin(spec)
     try:
         return _cached_data(spec)
     except Exception as err:

@@ -15,6 +15,7 @@ from pages.common import (
     job_busy,
     launch_button,
     need_setup,
+    require_builtin,
     require_entrypoint,
     result_store,
 )
@@ -82,6 +83,7 @@ config = ConnectConfig(
     retain_sample=int(sample),
     device=st.session_state["device"],
 )
+require_builtin(config.a, config.b)  # a retain reference may still be building
 key = ("connect", json.dumps(asdict(config), sort_keys=True))
 store = result_store()
 

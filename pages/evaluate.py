@@ -15,12 +15,22 @@ from pages.common import (
     follow_job,
     job_busy,
     launch_button,
+    require_builtin,
     require_entrypoint,
     run_reports,
 )
 from simu_core.errors import SimuError
-from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, evaluate_specs, goal_of
+from simu_core.metrics import (
+    EXAMPLE_METRICS,
+    SUMMARY_METRICS,
+    EvalConfig,
+    compare,
+    default_reference,
+    evaluate_specs,
+    goal_of,
+)
 from simu_core.report import split_bars_figure
+from simu_core.runs import read_config
 
 HEADLINE = {
     "forget_quality": "Forget quality",
@@ -56,6 +66,8 @@ name = st.selectbox(
     key="ev_run",
 )
 run = by_name[name]
+run_config = read_config(run.path)
+require_builtin(run_config.model, default_reference(run_config.model, run_config.forget))  # reference may be building
 
 
 def evaluate_job(ctx, run_path: Path, device: str, max_items: int) -> str | None:

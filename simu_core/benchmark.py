@@ -636,13 +636,9 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
 
 
 def ensure_size(size: str | None, progress: Progress = _no_progress) -> Path:
-    """The built-in cache of `size` (None: $SIMU_BUILTIN_SIZE / default), built first if missing or stale."""
-    from simu_core.builtin import build_default, builtin_status
+    """The built-in cache of `size` (None: $SIMU_BUILTIN_SIZE / default), its missing parts built first."""
+    from simu_core.builtin import ensure_builtin, existing_config
     from simu_core.config import builtin_config, builtin_root
 
     root = builtin_root(size)
-    status = builtin_status(root)
-    if status != "ok":
-        progress(f"building the built-in ({status}) in {root}", 0.0)
-        build_default(root, builtin_config(size), progress)
-    return root
+    return ensure_builtin(root, existing_config(root) or builtin_config(size), progress)

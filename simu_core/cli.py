@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from simu_core.config import BUILTIN_SIZES
 from simu_core.errors import SimuError
 
 Arguments = Callable[[argparse.ArgumentParser], None]
@@ -34,11 +35,12 @@ def stderr_progress(message: str, fraction: float) -> None:
 
 
 def ensure_builtin_for(*specs: str | None) -> None:
-    """Build the built-in default first if any spec names it and it is missing."""
-    if any(s and s.startswith("builtin:") for s in specs):
-        from simu_core.builtin import ensure_builtin
+    """Build the parts of the built-in default that these specs need (and only those) if they are missing."""
+    from simu_core.builtin import ensure_builtin, parts_for_specs
 
-        ensure_builtin(progress=stderr_progress)
+    parts = parts_for_specs(*specs)
+    if parts:
+        ensure_builtin(progress=stderr_progress, parts=parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,40 +50,65 @@ def ensure_builtin_for(*specs: str | None) -> None:
 
 def _build_default_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: $SIMU_HOME/builtin)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for data and training (default 0)")
     p.add_argument("--authors", type=int, default=None, help="number of trained authors (default 200)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
-    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
-    p.add_argument("--size", choices=("default", "large"), default=None,
-                   help="default (200 authors, 1.2M params) or large (1000 authors, ~82M params, for a GPU); "
-                   "default: $SIMU_BUILTIN_SIZE, else default. large is cached in $SIMU_HOME/builtin-large")  # fmt: skip
+    p.add_argument("--config", help="a BuiltinConfig JSON file (instead of --size/--seed/--authors/--epochs)")
+    p.add_argument(
+        "--parts", help="comma-separated parts to build (default: all): data,full,retain10,retain05,retain01"
+    )
+    p.add_argument("--force", action="store_true", help="rebuild every part even if an intact build exists")
+    p.add_argument("--train", action="store_true",
+                   help="train every part here, even those the package ships ready-made (the default size)")  # fmt: skip
+    p.add_argument("--size", choices=BUILTIN_SIZES, default=None,
+                   help="default (200 authors, 1.2M params), small (20 authors, for tests and quick demos) or large "
+                   "(1000 authors, ~82M params, for a GPU); default: $SIMU_BUILTIN_SIZE, else default. "
+                   "Sizes other than default are cached in $SIMU_HOME/builtin-<size>")  # fmt: skip
 
 
-@command("build-default", "build the built-in authors benchmark and tiny models (cached)", _build_default_args)
-def build_default_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.builtin import build_default, builtin_status, read_manifest
-    from simu_core.config import builtin_config, builtin_root
+def _requested_config(args: argparse.Namespace):
+    """The BuiltinConfig the arguments ask for, or None to keep (or start) the folder's own."""
+    from simu_core.config import BuiltinConfig, builtin_config
 
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            return BuiltinConfig.from_json(json.load(f))
+    if args.size is None and args.seed is None and args.authors is None and args.epochs is None:
+        return None
     config = builtin_config(args.size)
-    config.seed = args.seed
+    if args.seed is not None:
+        config.seed = args.seed
     if args.authors is not None:
         config.n_authors = args.authors
     if args.epochs is not None:
         config.train.epochs = args.epochs
+    return config
+
+
+@command(
+    "build-default", "build the built-in authors benchmark and tiny models (cached, resumable)", _build_default_args
+)
+def build_default_cmd(args: argparse.Namespace) -> dict:
+    from simu_core.builtin import BUILD_ORDER, build, missing_parts, read_manifest
+    from simu_core.config import builtin_root
+
+    config = _requested_config(args)
     out = args.out or str(builtin_root(args.size))
-    status = builtin_status(out, config)
-    if status == "ok" and not args.force:
+    parts = tuple(p.strip() for p in args.parts.split(",")) if args.parts else BUILD_ORDER
+    unknown = set(parts) - set(BUILD_ORDER)
+    if unknown:
+        raise SimuError(f"unknown part(s) {', '.join(sorted(unknown))}. Choose from: {', '.join(BUILD_ORDER)}.")
+    built = args.force or bool(missing_parts(out, parts, config))
+    if built:
+        manifest = build(out, config, parts, stderr_progress, force=args.force, use_shipped=not args.train)
+    else:
         manifest = read_manifest(out)
         print(f"up to date: {out}", file=sys.stderr)
-        built = False
-    else:
-        manifest = build_default(out, config, stderr_progress)
-        built = True
     return {
         "out": out,
         "built": built,
         "data": f"{out}/data",
-        "models": {name: f"{out}/models/{name}" for name in ("full", "retain01", "retain05", "retain10")},
+        "models": {name: f"{out}/models/{name}" for name in BUILD_ORDER[1:] if name in manifest["parts"]},
         "exact_match": manifest["exact_match"],
         "seconds": manifest["seconds"],
     }

@@ -17,17 +17,12 @@ import torch  # noqa: E402
 # starts does not fight the test process for the two cores.
 torch.set_num_threads(1)
 
-from simu_core.config import BuiltinConfig, TinyModelConfig, TrainConfig  # noqa: E402
+from simu_core.config import builtin_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small enough to build in well under a minute on 2 cores, big enough to memorise its data.
-TEST_BUILTIN = BuiltinConfig(
-    n_authors=20,
-    seed=0,
-    model=TinyModelConfig(n_layers=2, d_model=64, d_ff=256, n_heads=4, vocab_size=512, max_positions=96),
-    train=TrainConfig(epochs=40, batch_size=32, lr=5e-3, warmup_steps=10),
-)
+# The "small" built-in: builds in well under a minute on 2 cores, big enough to memorise its data.
+TEST_BUILTIN = builtin_config("small")
 
 
 @pytest.fixture(autouse=True)

@@ -10,88 +10,32 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from simu_core.unlearn import preset_config
+from tests.browser import HAVE_CHROMIUM, REPO, app_server, chromium, nav, settle
 
-REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "artifacts"
 SHOTS = ARTIFACTS / "screenshots"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed (apt-get install chromium)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90, log: Path | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            output = log.read_text() if log is not None else proc.stdout.read()
-            raise RuntimeError(f"streamlit exited early:\n{output}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("streamlit did not become healthy")
+pytestmark = pytest.mark.skipif(not HAVE_CHROMIUM, reason="chromium not installed (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")
 def server(builtin_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("browser_home")
     (home / "builtin").symlink_to(os.environ.get("SIMU_BROWSER_BUILTIN") or builtin_dir)
-    port = free_port()
     env = {**os.environ, "SIMU_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "streamlit.log"  # a file, not a pipe: a full pipe would block the server
-    with open(log, "w") as out:
-        # no file watcher: source edits during the test must not rerun the app
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log=log)
+    with app_server(env, ARTIFACTS / "streamlit.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2000})
-        yield page
-        browser.close()
-
-
-def settle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until the app is connected and no script is running."""
-    page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=timeout_ms)
-    page.wait_for_selector("[data-test-script-state='notRunning']", timeout=timeout_ms)
+    with chromium() as browser:
+        yield browser.new_page(viewport={"width": 1400, "height": 2000})
 
 
 def shot(page, name: str) -> None:
@@ -102,10 +46,6 @@ def shot(page, name: str) -> None:
     page.wait_for_timeout(800)  # charts and tables draw on the next animation frames
     page.screenshot(path=str(SHOTS / f"{name}.png"))
     page.set_viewport_size({"width": 1400, "height": 2000})
-
-
-def nav(page, title: str) -> None:
-    page.locator("[data-testid='stSidebarNavLink']", has_text=title).click()
 
 
 def metric_value(page, label: str) -> str:

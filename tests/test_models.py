@@ -1,51 +1,11 @@
-"""Loading any model spec, the built-in default and its cache, device choice, bad input."""
-
-import json
-import shutil
+"""Loading any model spec, greedy answers, device choice, bad input (the built-in cache: test_builtin.py)."""
 
 import pytest
 import torch
 import transformers as tf
 
-from simu_core import builtin, models
-from simu_core.config import to_dict
+from simu_core import models
 from simu_core.errors import SimuError
-from tests.conftest import TEST_BUILTIN
-
-
-def test_builtin_full_memorises_its_training_set(builtin_dir):
-    # The small test build (20 authors, 2 layers) reaches ~0.96; the full-size >= 0.95 is a slow test.
-    scores = builtin.read_manifest(builtin_dir)["exact_match"]
-    assert scores["full/full"] >= 0.9
-
-
-@pytest.mark.slow
-def test_full_size_default_build_memorises_and_retain_reference_does_not(tmp_path):
-    manifest = builtin.build_default(tmp_path / "builtin")
-    assert manifest["exact_match"]["full/full"] >= 0.95
-    assert manifest["exact_match"]["retain10/forget10"] <= 0.2
-
-
-def test_retain_reference_never_saw_the_forget_authors(builtin_dir):
-    scores = builtin.read_manifest(builtin_dir)["exact_match"]
-    assert scores["retain10/retain10"] >= 0.9
-    assert scores["retain10/forget10"] <= 0.2
-
-
-def test_manifest_records_seed_config_versions_and_hashes(builtin_dir):
-    manifest = builtin.read_manifest(builtin_dir)
-    assert manifest["seed"] == TEST_BUILTIN.seed and manifest["config"] == to_dict(TEST_BUILTIN)
-    assert {"torch", "transformers", "simu_core"} <= set(manifest["versions"])
-    assert "models/full/model.safetensors" in manifest["files"]
-
-
-def test_every_builtin_model_folder_loads_with_plain_transformers(builtin_dir, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for name in models.BUILTIN_MODELS:
-        folder = builtin_dir / "models" / name
-        tf.AutoModelForCausalLM.from_pretrained(folder)
-        tf.AutoTokenizer.from_pretrained(folder)
-        assert json.loads((folder / "simu.json").read_text())["prompt_template"] == "Question: {question}\nAnswer:"
 
 
 def test_builtin_spec_loads_on_cpu_in_fp32_eval_mode(full_model):
@@ -72,21 +32,6 @@ def test_local_folder_round_trip(full_model, tmp_path):
     for (name, a), (_, b) in zip(full_model.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert loaded.fmt.template == "Question: {question}\nAnswer:"  # default template without simu.json
-
-
-def test_stale_cache_is_detected(builtin_dir):
-    other = TEST_BUILTIN.__class__(n_authors=TEST_BUILTIN.n_authors + 1)
-    assert builtin.builtin_status(builtin_dir, TEST_BUILTIN) == "ok"
-    assert builtin.builtin_status(builtin_dir, other).startswith("stale")
-
-
-def test_tampered_or_half_built_cache_is_not_taken_for_good(builtin_dir, tmp_path):
-    copy = tmp_path / "builtin"
-    shutil.copytree(builtin_dir, copy)
-    (copy / "models" / "retain05" / "model.safetensors").unlink()
-    assert builtin.builtin_status(copy).startswith("stale: files changed or incomplete")
-    (copy / "manifest.json").unlink()
-    assert builtin.builtin_status(copy) == "missing"
 
 
 def test_pick_device_falls_back_to_cpu_without_accelerators():
@@ -134,24 +79,3 @@ def test_unsupported_architecture_folder(full_model, tmp_path):
     full_model.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(SimuError, match="unsupported model family 'bloom'"):
         models.load_model(str(tmp_path), device="cpu")
-
-
-def test_cli_build_default_json_summary(tmp_path, capsys):
-    from simu_core.cli import main
-
-    code = main(["build-default", "--out", str(tmp_path / "b"), "--authors", "4", "--epochs", "1", "--json"])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 0 and summary["built"] and set(summary["exact_match"]) >= {"full/full", "retain10/forget10"}
-    assert (tmp_path / "b" / "data" / "holdout.jsonl").exists()
-
-
-def test_folders_of_killed_builds_are_cleaned_up_but_running_ones_kept(tmp_path):
-    import os
-
-    dead = tmp_path / ".builtin.building-abc"  # old name without a pid: abandoned
-    dead_pid = tmp_path / ".builtin.building-999999999-x"
-    alive = tmp_path / f".builtin.building-{os.getpid()}-y"
-    for folder in (dead, dead_pid, alive):
-        folder.mkdir()
-    builtin._remove_abandoned_builds(tmp_path / "builtin")
-    assert not dead.exists() and not dead_pid.exists() and alive.exists()
