@@ -23,7 +23,8 @@ from simu_core import attribution as att
 from simu_core import data as qa
 from simu_core.arch import count_parameters
 from simu_core.errors import SimuError
-from simu_core.masks import DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, param_counts, trainable_count
+from simu_core.masks import DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, trainable_count
+from simu_core.neurons import param_counts
 from simu_core.unlearn import preset_config
 
 AUTO_START_PARAMS = 50e6  # below this size the default scores are computed as soon as the page opens

@@ -42,25 +42,26 @@ Methods (registry `METHODS`, name -> function):
 - `captum_conductance`: Captum `LayerConductance`, interpolating input embeddings from zero:
   `sum_j dL/da(alpha_j) * (a(alpha_{j+1}) - a(alpha_j))` over alpha = 0, 1/m, ..., 1 (Captum builds
   m + 1 points from the method's alphas; only `riemann_trapezoid` gives ones that start at 0).
+
+Scores come back as `neurons.NeuronScores` (saved and loaded there); `masks` turns them into a
+mask and `figures` draws them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from simu_core import data as qa
-from simu_core.arch import NeuronLayer, neuron_layers, neuron_widths
+from simu_core.arch import NeuronLayer, neuron_layers
 from simu_core.errors import SimuError
-from simu_core.masks import ParamCounts, _read_layers, check_widths, param_counts
+from simu_core.neurons import NeuronScores, param_counts
 
 POSITIONS = ("all", "answer")
 Progress = Callable[[str, float], None]
@@ -68,89 +69,6 @@ Progress = Callable[[str, float], None]
 
 def _no_progress(message: str, fraction: float) -> None:
     pass
-
-
-# --------------------------------------------------------------------------------------------
-# Scores
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NeuronScores:
-    """Per-neuron scores: `layers[l]` is float32 [d_ff_l] (units: nats of answer log-likelihood).
-
-    `forward_passes` / `backward_passes` count passes over the whole data set (a batch replicated
-    k times counts k). `param_counts` lets a mask made from these scores report the fraction of
-    the model's parameters it frees without loading the model.
-    """
-
-    layers: list[torch.Tensor]
-    method: str
-    steps: int
-    data: str
-    model: str
-    seconds: float = 0.0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    positions: str = "all"
-    n_examples: int = 0
-    n_answer_tokens: int = 0
-    loglik: float = 0.0  # L at the real activations (sum over answer tokens and examples)
-    param_counts: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-    def widths(self) -> list[int]:
-        return [int(s.numel()) for s in self.layers]
-
-    def meta(self) -> dict:
-        """Everything but the tensors, JSON-ready."""
-        return {
-            "kind": "neuron_scores",
-            "method": self.method,
-            "steps": self.steps,
-            "data": self.data,
-            "model": self.model,
-            "seconds": self.seconds,
-            "forward_passes": self.forward_passes,
-            "backward_passes": self.backward_passes,
-            "positions": self.positions,
-            "n_examples": self.n_examples,
-            "n_answer_tokens": self.n_answer_tokens,
-            "loglik": self.loglik,
-            "param_counts": self.param_counts,
-            "widths": self.widths(),
-            "extra": self.extra,
-        }
-
-    def counts(self) -> ParamCounts | None:
-        """The stored `ParamCounts` of the model the scores came from (None if not stored)."""
-        return ParamCounts.from_dict(self.param_counts) if self.param_counts else None
-
-    def check_fits(self, model: nn.Module) -> None:
-        """SimuError unless these scores have the layer count and widths of `model`."""
-        check_widths(self.widths(), neuron_widths(model), f"score file ({self.model})")
-
-    def save(self, path: str | Path) -> None:
-        """Write `path` (safetensors, `layer.<i>` float32 [d_ff], metadata inside) and `<path>.json`."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer.{i}": s.detach().to("cpu", torch.float32).contiguous() for i, s in enumerate(self.layers)}
-        meta = self.meta()
-        save_file(tensors, str(path), metadata={"simu": json.dumps(meta, default=str)})
-        Path(f"{path}.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> NeuronScores:
-        """Read scores written by `save`."""
-        tensors, meta = _read_layers(path, "neuron_scores")
-        known = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta and k != "layers"}
-        known.setdefault("method", "unknown")
-        known.setdefault("steps", 0)
-        known.setdefault("data", "unknown")
-        known.setdefault("model", "unknown")
-        return cls(layers=[t.to(torch.float32) for t in tensors], **known)
 
 
 # --------------------------------------------------------------------------------------------

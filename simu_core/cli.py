@@ -147,8 +147,8 @@ def _mask_args(p: argparse.ArgumentParser) -> None:
 
 @command("mask", "select critical neurons from scores (SIMU stage 1)", _mask_args)
 def mask_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.attribution import NeuronScores
     from simu_core.masks import check_mask_fits, make_mask, random_mask_like, trainable_fraction
+    from simu_core.neurons import NeuronScores
 
     forget = NeuronScores.load(args.forget_scores)
     retain = NeuronScores.load(args.retain_scores) if args.retain_scores else None

@@ -213,7 +213,7 @@ def test_path_keeps_no_reference_to_model_b(full_model):
 
 
 def test_a_run_folder_is_an_endpoint_and_its_delta_is_all_that_is_carried(full_model, splits, tmp_path):
-    from simu_core.masks import NeuronMask
+    from simu_core.neurons import NeuronMask
     from simu_core.runs import save_run
     from simu_core.unlearn import preset_config, unlearn
 
