@@ -19,7 +19,8 @@ from pages.common import (
     run_reports,
 )
 from simu_core.errors import SimuError
-from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, evaluate_specs, goal_of
+from simu_core.evaluation import evaluate_specs
+from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, goal_of
 from simu_core.report import split_bars_figure
 
 HEADLINE = {

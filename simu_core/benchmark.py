@@ -39,7 +39,8 @@ import torch
 from simu_core import data as qa
 from simu_core.config import to_dict
 from simu_core.errors import SimuError
-from simu_core.metrics import EvalConfig, Report, builtin_companions, default_reference, evaluate
+from simu_core.evaluation import builtin_companions, default_reference
+from simu_core.metrics import EvalConfig, Report, evaluate
 
 QUALITY_METHODS = ("simu", "so_graddiff", "fo_graddiff", "ga", "npo", "random_mask")
 QUALITY_SPLITS = ("forget01", "forget05", "forget10")

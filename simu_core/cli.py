@@ -252,7 +252,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "metrics (forget quality, utility, MIA, ...) and report.html, before and after", _evaluate_args)
 def evaluate_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.metrics import EvalConfig, builtin_companions, evaluate_specs
+    from simu_core.evaluation import builtin_companions, evaluate_specs
+    from simu_core.metrics import EvalConfig
 
     given = {"retain": args.retain, "holdout": args.holdout, "world_facts": args.world_facts}
     companions = {k: (None if v.lower() == "none" else v) for k, v in given.items() if v}

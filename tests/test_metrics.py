@@ -17,7 +17,7 @@ from rouge_score import rouge_scorer
 from scipy.stats import hmean, ks_2samp
 from torch import nn
 
-from simu_core import builtin, metrics, models
+from simu_core import builtin, evaluation, metrics, models
 from simu_core import data as qa
 from simu_core.errors import SimuError
 
@@ -33,7 +33,7 @@ def retain_model(builtin_dir):
 
 @pytest.fixture(scope="module")
 def splits(builtin_dir) -> dict[str, qa.QADataset]:
-    specs = metrics.builtin_companions("builtin:forget10")
+    specs = evaluation.builtin_companions("builtin:forget10")
     return {name: load_split(spec, builtin_dir) for name, spec in specs.items()}
 
 
