@@ -20,8 +20,8 @@ from pages.common import (
 )
 from simu_core.errors import SimuError
 from simu_core.evaluation import evaluate_specs
+from simu_core.figures import split_bars_figure
 from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, goal_of
-from simu_core.report import split_bars_figure
 
 HEADLINE = {
     "forget_quality": "Forget quality",

@@ -196,7 +196,8 @@ def _connect_args(p: argparse.ArgumentParser) -> None:
 
 @command("connect", "loss along a linear / Bezier / chain path between two models", _connect_args)
 def connect_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.connectivity import ConnectConfig, FitConfig, check_endpoint, connect, path_figure
+    from simu_core.connectivity import ConnectConfig, FitConfig, check_endpoint, connect
+    from simu_core.figures import path_figure
 
     for spec in (args.a, args.b):
         check_endpoint(spec)  # before any build: a typo fails at once
