@@ -37,8 +37,9 @@ from simu_core.arch import neuron_layers  # noqa: E402
 from simu_core.attribution import METHODS, attribute, batch_loglik, injected, make_batches  # noqa: E402
 from simu_core.builtin import make_tiny_llama, read_manifest, train_tokenizer  # noqa: E402
 from simu_core.config import BuiltinConfig  # noqa: E402
-from simu_core.masks import NeuronMask, make_mask, overlap, random_mask_like  # noqa: E402
+from simu_core.masks import make_mask, overlap, random_mask_like  # noqa: E402
 from simu_core.models import LoadedModel, load_model  # noqa: E402
+from simu_core.neurons import NeuronMask  # noqa: E402
 
 N_RANDOM = 5
 

@@ -19,7 +19,7 @@ import time
 import torch  # noqa: E402
 from _common import RESULTS, pick_root, write_json  # noqa: E402
 
-from simu_core import builtin, metrics, models  # noqa: E402
+from simu_core import builtin, evaluation, metrics, models  # noqa: E402
 from simu_core import data as qa  # noqa: E402
 
 FAMILIES = ("generation", "likelihood", "truth_ratio", "membership", "fluency", "summary", "reference")
@@ -68,7 +68,7 @@ def main() -> None:
     print(f"build: {which}", flush=True)
     full = models.load_model("builtin:full", device=args.device, root=root)
     reference = models.load_model("builtin:retain10", device=args.device, root=root)
-    specs = metrics.builtin_companions("builtin:forget10")
+    specs = evaluation.builtin_companions("builtin:forget10")
     datasets = {name: qa.load_data(spec, root=root) for name, spec in specs.items()}
     load_avg = os.getloadavg()[0]
 

@@ -21,9 +21,11 @@ from pages.common import (
 )
 from simu_core import attribution as att
 from simu_core import data as qa
+from simu_core import figures
 from simu_core.arch import count_parameters
 from simu_core.errors import SimuError
-from simu_core.masks import DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, param_counts, trainable_count
+from simu_core.masks import DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, trainable_count
+from simu_core.neurons import param_counts
 from simu_core.unlearn import preset_config
 
 AUTO_START_PARAMS = 50e6  # below this size the default scores are computed as soon as the page opens
@@ -142,7 +144,7 @@ st.caption(
     f"`{data_label('forget')}` ({forget_scores.n_examples} items, {forget_scores.seconds:.1f} s). "
     "Units: nats of answer log-likelihood."
 )
-chart(att.scores_heatmap(forget_scores), key="att_heatmap")
+chart(figures.scores_heatmap(forget_scores), key="att_heatmap")
 retain_scores = wait_for("retain")
 
 
@@ -224,9 +226,9 @@ def selection() -> None:
     )
     left, right = st.columns([3, 2])
     with left:
-        chart(att.selection_scatter(forget_scores, retain_scores, mask, duals), key="att_scatter")
+        chart(figures.selection_scatter(forget_scores, retain_scores, mask, duals), key="att_scatter")
     with right:
-        chart(att.selection_bars(mask, duals), key="att_bars")
+        chart(figures.selection_bars(mask, duals), key="att_bars")
     st.caption("The Unlearn page uses this selection for SIMU when you launch a run with the same model and data.")
 
 
@@ -274,6 +276,6 @@ launch_button(
 )
 st.markdown(f"**Answer:** {item['answer']}")
 if token_key in store:
-    chart(att.token_figure(store[token_key]), key="att_tokens")
+    chart(figures.token_figure(store[token_key]), key="att_tokens")
 else:
     follow_job("tokens", "attribute the example's tokens")

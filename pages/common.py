@@ -29,11 +29,11 @@ from simu_core.builtin import (
 )
 from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
+from simu_core.figures import history_figure, runs_figure
 from simu_core.jobs import CANCELLED, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
 from simu_core.metrics import Report
 from simu_core.models import LoadedModel, load_model
-from simu_core.report import runs_figure
-from simu_core.runs import history_figure, list_runs, read_config, read_history
+from simu_core.runs import list_runs, read_config, read_history
 
 if os.environ.get("SIMU_THREADS"):  # e.g. SIMU_THREADS=1 on a busy shared machine; default: torch's own choice
     torch.set_num_threads(int(os.environ["SIMU_THREADS"]))

@@ -19,7 +19,8 @@ from pages.common import (
     require_entrypoint,
     result_store,
 )
-from simu_core.connectivity import CURVES, DEFAULT_POINTS, ConnectConfig, FitConfig, connect, path_figure
+from simu_core.connectivity import CURVES, DEFAULT_POINTS, ConnectConfig, FitConfig, connect
+from simu_core.figures import path_figure
 from simu_core.models import BUILTIN_MODELS
 
 CURVE_HELP = {

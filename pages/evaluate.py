@@ -20,16 +20,9 @@ from pages.common import (
     run_reports,
 )
 from simu_core.errors import SimuError
-from simu_core.metrics import (
-    EXAMPLE_METRICS,
-    SUMMARY_METRICS,
-    EvalConfig,
-    compare,
-    default_reference,
-    evaluate_specs,
-    goal_of,
-)
-from simu_core.report import split_bars_figure
+from simu_core.evaluation import default_reference, evaluate_specs
+from simu_core.figures import split_bars_figure
+from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, goal_of
 from simu_core.runs import read_config
 
 HEADLINE = {

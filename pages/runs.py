@@ -8,8 +8,9 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import HEADLINE_KEYS, chart, compare_runs, require_entrypoint, run_reports, runs_dir, show_error
+from simu_core.figures import history_figure
 from simu_core.metrics import compare, goal_of
-from simu_core.runs import delete_run, history_figure, list_runs, read_history
+from simu_core.runs import delete_run, list_runs, read_history
 
 require_entrypoint()
 st.header("6 · Runs")

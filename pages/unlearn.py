@@ -21,10 +21,12 @@ from pages.common import (
 )
 from simu_core.config import MaskConfig, UnlearnConfig
 from simu_core.errors import SimuError
+from simu_core.figures import history_figure
 from simu_core.jobs import DONE
-from simu_core.masks import MLP_PARTS, NeuronMask, make_mask
+from simu_core.masks import MLP_PARTS, make_mask
+from simu_core.neurons import NeuronMask
 from simu_core.optim import ESTIMATORS
-from simu_core.runs import history_figure, read_history, run_unlearning
+from simu_core.runs import read_history, run_unlearning
 from simu_core.unlearn import METHODS, PRESET_NOTES, preset_config, validate_config
 
 require_entrypoint()

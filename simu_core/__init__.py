@@ -1,7 +1,8 @@
 """SIMU Studio core library: selective second-order unlearning of language models.
 
 Plain library with no Streamlit import; the app (`app.py`, `pages/`) and the CLI
-(`python -m simu_core`) are thin layers over it.
+(`python -m simu_core`) are thin layers over it. Its modules form layers, each importing only from
+the ones below: the table is in the README ("Layout") and `tests/test_layering.py` checks it.
 """
 
 from simu_core.errors import SimuError

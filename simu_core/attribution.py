@@ -42,25 +42,26 @@ Methods (registry `METHODS`, name -> function):
 - `captum_conductance`: Captum `LayerConductance`, interpolating input embeddings from zero:
   `sum_j dL/da(alpha_j) * (a(alpha_{j+1}) - a(alpha_j))` over alpha = 0, 1/m, ..., 1 (Captum builds
   m + 1 points from the method's alphas; only `riemann_trapezoid` gives ones that start at 0).
+
+Scores come back as `neurons.NeuronScores` (saved and loaded there); `masks` turns them into a
+mask and `figures` draws them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from simu_core import data as qa
-from simu_core.arch import NeuronLayer, neuron_layers, neuron_widths
+from simu_core.arch import NeuronLayer, neuron_layers
 from simu_core.errors import SimuError
-from simu_core.masks import ParamCounts, _read_layers, check_widths, param_counts
+from simu_core.neurons import NeuronScores, param_counts
 
 POSITIONS = ("all", "answer")
 Progress = Callable[[str, float], None]
@@ -68,89 +69,6 @@ Progress = Callable[[str, float], None]
 
 def _no_progress(message: str, fraction: float) -> None:
     pass
-
-
-# --------------------------------------------------------------------------------------------
-# Scores
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NeuronScores:
-    """Per-neuron scores: `layers[l]` is float32 [d_ff_l] (units: nats of answer log-likelihood).
-
-    `forward_passes` / `backward_passes` count passes over the whole data set (a batch replicated
-    k times counts k). `param_counts` lets a mask made from these scores report the fraction of
-    the model's parameters it frees without loading the model.
-    """
-
-    layers: list[torch.Tensor]
-    method: str
-    steps: int
-    data: str
-    model: str
-    seconds: float = 0.0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    positions: str = "all"
-    n_examples: int = 0
-    n_answer_tokens: int = 0
-    loglik: float = 0.0  # L at the real activations (sum over answer tokens and examples)
-    param_counts: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-    def widths(self) -> list[int]:
-        return [int(s.numel()) for s in self.layers]
-
-    def meta(self) -> dict:
-        """Everything but the tensors, JSON-ready."""
-        return {
-            "kind": "neuron_scores",
-            "method": self.method,
-            "steps": self.steps,
-            "data": self.data,
-            "model": self.model,
-            "seconds": self.seconds,
-            "forward_passes": self.forward_passes,
-            "backward_passes": self.backward_passes,
-            "positions": self.positions,
-            "n_examples": self.n_examples,
-            "n_answer_tokens": self.n_answer_tokens,
-            "loglik": self.loglik,
-            "param_counts": self.param_counts,
-            "widths": self.widths(),
-            "extra": self.extra,
-        }
-
-    def counts(self) -> ParamCounts | None:
-        """The stored `ParamCounts` of the model the scores came from (None if not stored)."""
-        return ParamCounts.from_dict(self.param_counts) if self.param_counts else None
-
-    def check_fits(self, model: nn.Module) -> None:
-        """SimuError unless these scores have the layer count and widths of `model`."""
-        check_widths(self.widths(), neuron_widths(model), f"score file ({self.model})")
-
-    def save(self, path: str | Path) -> None:
-        """Write `path` (safetensors, `layer.<i>` float32 [d_ff], metadata inside) and `<path>.json`."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer.{i}": s.detach().to("cpu", torch.float32).contiguous() for i, s in enumerate(self.layers)}
-        meta = self.meta()
-        save_file(tensors, str(path), metadata={"simu": json.dumps(meta, default=str)})
-        Path(f"{path}.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> NeuronScores:
-        """Read scores written by `save`."""
-        tensors, meta = _read_layers(path, "neuron_scores")
-        known = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta and k != "layers"}
-        known.setdefault("method", "unknown")
-        known.setdefault("steps", 0)
-        known.setdefault("data", "unknown")
-        known.setdefault("model", "unknown")
-        return cls(layers=[t.to(torch.float32) for t in tensors], **known)
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,176 +644,3 @@ def _ids_input_class():
 
 def _IdsInput(ids: list[int], tokenizer, baseline_id: int):  # noqa: N802 (a class made lazily)
     return _ids_input_class()(ids, tokenizer, baseline_id)
-
-
-# --------------------------------------------------------------------------------------------
-# Figures (plotly, for the app): no computation beyond scaling for display
-# --------------------------------------------------------------------------------------------
-
-_SELECTION_COLORS = {"selected": "#d62728", "dual": "#9467bd", "other": "#b8c2cc"}
-
-
-def _layer_scaled(layers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Each layer's scores divided by that layer's largest |score| (so layers of any scale compare)."""
-    return [s.float() / s.abs().max().clamp_min(1e-30) for s in layers]
-
-
-def scores_heatmap(scores: NeuronScores, max_columns: int = 1024):
-    """Plotly heat map: one row per decoder layer, one column per neuron, colour = score / the layer's
-    largest |score| (red supports the answer). Wider layers are shown in bins of neighbouring neurons,
-    each bin showing its value of largest magnitude."""
-    import plotly.graph_objects as go
-
-    width = max(scores.widths())
-    size = max(1, math.ceil(width / max_columns))
-    rows = []
-    for s in _layer_scaled(scores.layers):
-        padded = torch.full((math.ceil(width / size) * size,), float("nan"))
-        padded[: s.numel()] = s
-        bins = padded.view(-1, size)
-        pick = bins.nan_to_num(0).abs().argmax(1, keepdim=True)
-        rows.append(bins.gather(1, pick).squeeze(1).tolist())
-    x = [i * size for i in range(len(rows[0]))]
-    fig = go.Figure(
-        go.Heatmap(
-            z=rows,
-            x=x,
-            y=list(range(len(rows))),
-            colorscale="RdBu_r",
-            zmid=0,
-            zmin=-1,
-            zmax=1,
-            colorbar={"title": {"text": "score ÷ layer max |score|"}},
-            hovertemplate="layer %{y}, neuron %{x}<br>scaled score %{z:.3f}<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        title=f"Neuron scores on '{scores.data}' ({scores.method}, m={scores.steps})",
-        xaxis_title="neuron index" + (f" (bins of {size} neurons)" if size > 1 else ""),
-        yaxis_title="decoder layer",
-        yaxis={"dtick": 1, "autorange": "reversed"},
-        height=max(260, 60 + 36 * len(rows)),
-        margin={"t": 50, "b": 40},
-    )
-    return fig
-
-
-def selection_scatter(forget: NeuronScores, retain: NeuronScores, mask, dual: Sequence[torch.Tensor]):
-    """Plotly scatter, one point per neuron: forget vs retain score (each divided by its layer's largest
-    |score|); colours: selected by `mask`, dual (critical for forget and retain), not selected.
-    `dual`: bool [d_ff] per layer. Duals outside the mask are labelled as excluded."""
-    import plotly.graph_objects as go
-
-    fx, ry = torch.cat(_layer_scaled(forget.layers)), torch.cat(_layer_scaled(retain.layers))
-    layer = torch.cat([torch.full((w,), i) for i, w in enumerate(forget.widths())])
-    neuron = torch.cat([torch.arange(w) for w in forget.widths()])
-    chosen, both = torch.cat(list(mask.layers)), torch.cat(list(dual))
-    excluded = bool((both & ~chosen).any())
-    groups = [
-        ("other", ~chosen & ~both, "not selected"),
-        ("selected", chosen & ~both, "selected (critical for forget)"),
-        ("dual", both, "dual: critical for forget and retain" + (" (excluded)" if excluded else "")),
-    ]
-    fig = go.Figure()
-    for kind, where, label in groups:
-        idx = torch.nonzero(where).flatten()
-        fig.add_trace(
-            go.Scattergl(
-                x=fx[idx].tolist(),
-                y=ry[idx].tolist(),
-                mode="markers",
-                name=f"{label} ({len(idx)})",
-                marker={
-                    "color": _SELECTION_COLORS[kind],
-                    "size": 5 if kind == "other" else 7,
-                    "symbol": "diamond" if kind == "dual" else "circle",
-                },
-                customdata=torch.stack([layer[idx], neuron[idx]], 1).tolist(),
-                hovertemplate="layer %{customdata[0]}, neuron %{customdata[1]}<br>forget %{x:.3f}, retain %{y:.3f}"
-                "<extra></extra>",
-            )
-        )
-    fig.update_layout(
-        title="Forget vs retain score per neuron",
-        xaxis_title="forget score ÷ layer max |score|",
-        yaxis_title="retain score ÷ layer max |score|",
-        legend={"orientation": "h", "y": -0.25},
-        margin={"t": 50},
-    )
-    return fig
-
-
-def selection_bars(mask, dual: Sequence[torch.Tensor] | None = None):
-    """Plotly stacked bars: selected neurons per decoder layer (dual neurons in the mask shown apart)."""
-    import plotly.graph_objects as go
-
-    widths, counts = mask.widths(), mask.counts()
-    duals = [0] * len(counts)
-    if dual is not None:
-        duals = [int((d & m).sum()) for d, m in zip(dual, mask.layers, strict=True)]
-    layers = list(range(len(counts)))
-    fig = go.Figure()
-    fig.add_bar(x=layers, y=[c - d for c, d in zip(counts, duals, strict=True)], name="selected",
-                marker_color=_SELECTION_COLORS["selected"])  # fmt: skip
-    if any(duals):
-        fig.add_bar(x=layers, y=duals, name="dual (kept in the mask)", marker_color=_SELECTION_COLORS["dual"])
-    fig.add_scatter(
-        x=layers,
-        y=counts,
-        mode="text",
-        text=[f"{c} / {w}" for c, w in zip(counts, widths, strict=True)],
-        textposition="top center",
-        showlegend=False,
-        hoverinfo="skip",
-    )
-    fig.update_layout(
-        title="Selected neurons per layer",
-        barmode="stack",
-        xaxis_title="decoder layer",
-        yaxis_title="neurons selected",
-        xaxis={"dtick": 1},
-        yaxis={"range": [0, max(1, max(counts)) * 1.25]},
-        legend={"orientation": "h", "y": -0.25},
-        margin={"t": 50},
-    )
-    return fig
-
-
-def token_figure(result: TokenAttribution):
-    """Plotly figure of a `TokenAttribution`: per prompt token the total attribution (bars, top) and
-    the matrix answer token x prompt token (heat map, bottom); units: nats of answer log-probability."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    xs = list(range(len(result.prompt_tokens)))
-    ys = list(range(len(result.answer_tokens)))
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.3, 0.7], vertical_spacing=0.04)
-    fig.add_bar(x=xs, y=result.per_prompt_token, marker_color="#d62728", name="sum over the answer", row=1, col=1)
-    limit = max((abs(v) for row in result.matrix for v in row), default=1.0) or 1.0
-    fig.add_trace(
-        go.Heatmap(
-            z=result.matrix,
-            x=xs,
-            y=ys,
-            colorscale="RdBu_r",
-            zmid=0,
-            zmin=-limit,
-            zmax=limit,
-            colorbar={"title": {"text": "nats"}, "y": 0.35, "len": 0.7},
-            hovertemplate="answer token %{y}, prompt token %{x}<br>%{z:.4f} nats<extra></extra>",
-        ),
-        row=2,
-        col=1,
-    )
-    ticks = {"tickmode": "array", "tickvals": xs, "ticktext": [repr(t)[1:-1] for t in result.prompt_tokens]}
-    fig.update_xaxes(title_text="prompt token", tickangle=-45, row=2, col=1, **ticks)
-    fig.update_yaxes(title_text="answer token", tickmode="array", tickvals=ys,
-                     ticktext=[repr(t)[1:-1] for t in result.answer_tokens], autorange="reversed", row=2, col=1)  # fmt: skip
-    fig.update_yaxes(title_text="nats", row=1, col=1)
-    fig.update_layout(
-        title="Which prompt tokens support each answer token (Captum, integrated gradients on the embeddings)",
-        showlegend=False,
-        height=max(380, 180 + 22 * len(ys)),
-        margin={"t": 60},
-    )
-    return fig

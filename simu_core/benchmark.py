@@ -14,8 +14,8 @@ the current key and recomputes the others (changed presets or a rebuilt model ma
 
 Outputs (`run_quality`): `<out>/quality.json` (settings, every cell record, mean/std per split x
 method), `<out>/quality.md` (the table and a matched-efficacy verdict) and `<out>/quality.html`
-(self-contained plotly figures: forget quality vs model utility, forget EM vs retain EM, one point
-per run, the two reference rows as reference points).
+(self-contained plotly figures from `figures.quality_figures`: forget quality vs model utility,
+forget EM vs retain EM, one point per run, the two reference rows as reference points).
 
 The presets were tuned with seed `TUNING_SEED` (0); the table uses other seeds (1, 2, 3 by default).
 """
@@ -37,9 +37,11 @@ import numpy as np
 import torch
 
 from simu_core import data as qa
+from simu_core import figures
 from simu_core.config import to_dict
 from simu_core.errors import SimuError
-from simu_core.metrics import EvalConfig, Report, builtin_companions, default_reference, evaluate
+from simu_core.evaluation import builtin_companions, default_reference
+from simu_core.metrics import EvalConfig, Report, evaluate
 
 QUALITY_METHODS = ("simu", "so_graddiff", "fo_graddiff", "ga", "npo", "random_mask")
 QUALITY_SPLITS = ("forget01", "forget05", "forget10")
@@ -555,66 +557,6 @@ def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig) -> str:
     return "\n".join([*head, "## Table", "", table, *verdict])
 
 
-_COLORS = {"simu": "#d62728", "random_mask": "#ff7f0e", "so_graddiff": "#1f77b4", "fo_graddiff": "#17becf",
-           "ga": "#7f7f7f", "npo": "#9467bd"}  # fmt: skip
-_REF_STYLE = {"original": ("black", "x"), "retain_reference": ("#2ca02c", "star")}
-
-
-def scatter_figure(records: Sequence[dict], splits: Sequence[str], x: str, y: str, x_title: str, y_title: str,
-                   title: str, log_x: bool = False):  # fmt: skip
-    """One subplot per split, one point per run (colour = method), the reference rows as big markers."""
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=len(splits), subplot_titles=list(splits), shared_yaxes=True)
-    shown: set[str] = set()
-    others = sorted({r["method"] for r in records} - set(_COLORS) - set(REFERENCE_ROWS))
-    for col, split in enumerate(splits, start=1):
-        for method in [*REFERENCE_ROWS, *_COLORS, *others]:
-            group = [r for r in records if r["split"] == split and r["method"] == method]
-            points = [(_value(r, x), _value(r, y), r) for r in group]
-            points = [(a, b, r) for a, b, r in points if a is not None and b is not None]
-            if not points:
-                continue
-            color, symbol = _REF_STYLE.get(method, (_COLORS.get(method, "#8c564b"), "circle"))
-            fig.add_scatter(
-                x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", name=method,
-                legendgroup=method, showlegend=method not in shown, row=1, col=col,
-                marker={"color": color, "symbol": symbol, "size": 14 if method in REFERENCE_ROWS else 9,
-                        "line": {"width": 1, "color": "white"}},
-                text=[f"{method} seed {p[2]['seed']}" if p[2]["seed"] is not None else method for p in points],
-                hovertemplate="%{text}<br>x=%{x:.3g}<br>y=%{y:.3f}<extra></extra>",
-            )  # fmt: skip
-            shown.add(method)
-        fig.update_xaxes(title_text=x_title, type="log" if log_x else "linear", row=1, col=col)
-    fig.update_yaxes(title_text=y_title, row=1, col=1)
-    fig.update_layout(title=title, height=460, legend={"orientation": "h", "y": -0.2}, margin={"t": 70})
-    return fig
-
-
-def quality_figures(records: Sequence[dict], splits: Sequence[str]) -> list:
-    """Forget quality vs model utility, and forget EM vs retain EM (the trade-off)."""
-    return [
-        scatter_figure(records, splits, "forget_quality", "model_utility", "forget quality (KS p, log)",
-                       "model utility", "Forget quality vs model utility (one point per run)", log_x=True),
-        scatter_figure(records, splits, "forget/exact_match", "retain/exact_match", "forget exact match",
-                       "retain exact match", "Forget EM vs retain EM: lower-left forgets, top keeps"),
-    ]  # fmt: skip
-
-
-def write_figures(path: str | Path, figures: Sequence, title: str) -> Path:
-    """All figures in one self-contained HTML page (plotly.js inlined once)."""
-    path = Path(path)
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
-    html = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-        f"<body style='font-family:sans-serif'><h1>{title}</h1>" + "".join(parts) + "</body></html>"
-    )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: dict, qc: QualityConfig) -> dict:
     """quality.json, quality.md and quality.html under `out`; returns their paths."""
     from simu_core.runs import write_json_atomic
@@ -626,7 +568,9 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
     write_json_atomic(out / "quality.json", _json_safe(payload))
     md = out / "quality.md"
     md.write_text(quality_markdown(aggregate, meta, qc), encoding="utf-8")
-    html = write_figures(out / "quality.html", quality_figures(records, qc.splits), "SIMU quality benchmark")
+    html = figures.write_figures(
+        out / "quality.html", figures.quality_figures(records, qc.splits), "SIMU quality benchmark"
+    )
     return {"json": str(out / "quality.json"), "markdown": str(md), "html": str(html)}
 
 

@@ -174,8 +174,8 @@ def _mask_args(p: argparse.ArgumentParser) -> None:
 
 @command("mask", "select critical neurons from scores (SIMU stage 1)", _mask_args)
 def mask_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.attribution import NeuronScores
     from simu_core.masks import check_mask_fits, make_mask, random_mask_like, trainable_fraction
+    from simu_core.neurons import NeuronScores
 
     forget = NeuronScores.load(args.forget_scores)
     retain = NeuronScores.load(args.retain_scores) if args.retain_scores else None
@@ -223,7 +223,8 @@ def _connect_args(p: argparse.ArgumentParser) -> None:
 
 @command("connect", "loss along a linear / Bezier / chain path between two models", _connect_args)
 def connect_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.connectivity import ConnectConfig, FitConfig, check_endpoint, connect, path_figure
+    from simu_core.connectivity import ConnectConfig, FitConfig, check_endpoint, connect
+    from simu_core.figures import path_figure
 
     for spec in (args.a, args.b):
         check_endpoint(spec)  # before any build: a typo fails at once
@@ -279,7 +280,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "metrics (forget quality, utility, MIA, ...) and report.html, before and after", _evaluate_args)
 def evaluate_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.metrics import EvalConfig, builtin_companions, evaluate_specs
+    from simu_core.evaluation import builtin_companions, evaluate_specs
+    from simu_core.metrics import EvalConfig
 
     given = {"retain": args.retain, "holdout": args.holdout, "world_facts": args.world_facts}
     companions = {k: (None if v.lower() == "none" else v) for k, v in given.items() if v}

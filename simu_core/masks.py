@@ -1,8 +1,9 @@
 """Critical-neuron masks (SIMU stage 1, second half): selection rules, dual neurons, controls.
 
-A mask selects MLP neurons, one bool vector of length d_ff per decoder layer (True = critical,
-i.e. trainable in stage 2). Masks are made from neuron scores (`attribution.NeuronScores`, or
-anything with a `layers` list of float [d_ff] tensors) by a rule from `RULES`:
+A mask (`neurons.NeuronMask`) selects MLP neurons, one bool vector of length d_ff per decoder layer
+(True = critical, i.e. trainable in stage 2). Masks are made from neuron scores
+(`neurons.NeuronScores`, or anything with a `layers` list of float [d_ff] tensors) by a rule from
+`RULES`:
 
 - `layer_threshold` (SIMU): neuron k of layer l is critical iff `s_l[k] > t * max_k s_l[k]`,
   t in (0, 1]. The comparison is strict as in the paper (t = 1 selects nothing); a layer whose
@@ -21,26 +22,21 @@ Dual neurons are critical under the same rule and value for both the chosen scor
 score. Policy `include` (default) keeps them in the mask; `exclude` removes them.
 
 Ties are broken towards the lower neuron index (stable sort), so masks are deterministic.
-Saved as safetensors (bool [d_ff] tensors named `layer.<i>`, with rule and params also in the
-file's metadata) plus a human-readable JSON sidecar `<path>.json`.
+Saved by `NeuronMask.save` as safetensors (bool [d_ff] tensors named `layer.<i>`, with rule and
+params in the file's metadata) plus a human-readable JSON sidecar `<path>.json`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from simu_core.arch import neuron_widths
 from simu_core.errors import SimuError
-
-if TYPE_CHECKING:
-    from simu_core.attribution import NeuronScores
+from simu_core.neurons import NeuronMask, NeuronScores, ParamCounts, check_widths, param_counts
 
 DUAL_POLICIES = ("include", "exclude")
 SCORE_KINDS = ("forget", "forget_minus_retain")
@@ -48,95 +44,12 @@ MLP_PARTS = ("down", "down_up")
 
 
 # --------------------------------------------------------------------------------------------
-# The mask
+# Control masks and checks
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NeuronMask:
-    """Selected MLP neurons: `layers[l]` is a bool tensor [d_ff_l] (True = critical / trainable)."""
-
-    layers: list[torch.Tensor]
-    rule: str
-    params: dict = field(default_factory=dict)
-
-    def counts(self) -> list[int]:
-        """Selected neurons per layer."""
-        return [int(m.sum()) for m in self.layers]
-
-    def total(self) -> int:
-        """Selected neurons in all layers."""
-        return sum(self.counts())
-
-    def widths(self) -> list[int]:
-        """d_ff of every layer."""
-        return [int(m.numel()) for m in self.layers]
-
-    def fraction(self) -> float:
-        """Selected neurons / all neurons."""
-        return self.total() / max(1, sum(self.widths()))
-
-    def indices(self, layer: int) -> torch.Tensor:
-        """Indices (long [n]) of the selected neurons of one layer."""
-        return torch.nonzero(self.layers[layer], as_tuple=False).flatten()
-
-    def summary(self) -> dict:
-        """JSON-ready counts, widths, rule and params."""
-        return {
-            "rule": self.rule,
-            "params": self.params,
-            "counts": self.counts(),
-            "widths": self.widths(),
-            "total": self.total(),
-            "fraction": self.fraction(),
-        }
-
-    def save(self, path: str | Path) -> None:
-        """Write `path` (safetensors, `layer.<i>` bool [d_ff]) and the sidecar `<path>.json`."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer.{i}": m.detach().to("cpu", torch.bool).contiguous() for i, m in enumerate(self.layers)}
-        meta = {"kind": "neuron_mask", "rule": self.rule, "params": self.params}
-        save_file(tensors, str(path), metadata={"simu": json.dumps(meta, default=str)})
-        sidecar = {**meta, "counts": self.counts(), "widths": self.widths(), "total": self.total()}
-        Path(f"{path}.json").write_text(json.dumps(sidecar, indent=2, default=str), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> NeuronMask:
-        """Read a mask written by `save` (rule and params come from the file's own metadata)."""
-        tensors, meta = _read_layers(path, "neuron_mask")
-        layers = [t.to(torch.bool) for t in tensors]
-        return cls(layers, meta.get("rule", "unknown"), meta.get("params", {}))
-
-
-def _read_layers(path: str | Path, kind: str) -> tuple[list[torch.Tensor], dict]:
-    """The `layer.<i>` tensors of a safetensors file, in order, and its `simu` metadata dict."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise SimuError(f"file '{path}' not found. Check the path (it is written by the save step).")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("simu", "{}"))
-            keys = list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except (OSError, ValueError, SafetensorError) as err:
-        raise SimuError(f"'{path}' is not a readable safetensors file ({err}). Re-create it.") from err
-    if meta.get("kind", kind) != kind:
-        raise SimuError(f"'{path}' holds a {meta.get('kind')}, not a {kind}. Pass the right file.")
-    expected = [f"layer.{i}" for i in range(len(keys))]
-    if sorted(keys) != sorted(expected) or not keys:
-        raise SimuError(f"'{path}' does not hold tensors layer.0 .. layer.N-1 (found {keys[:5]}). Re-create it.")
-    return [tensors[k] for k in expected], meta
 
 
 def full_mask(model: nn.Module) -> NeuronMask:
     """Every MLP neuron of `model` selected (rule `all`)."""
-    from simu_core.arch import neuron_widths
-
     return NeuronMask([torch.ones(w, dtype=torch.bool) for w in neuron_widths(model)], "all", {})
 
 
@@ -153,24 +66,7 @@ def random_mask_like(mask: NeuronMask, seed: int) -> NeuronMask:
 
 def check_mask_fits(mask: NeuronMask, model: nn.Module, what: str = "mask") -> None:
     """SimuError unless `mask` has one vector per decoder layer of `model`, each of its d_ff."""
-    from simu_core.arch import neuron_widths
-
     check_widths(mask.widths(), neuron_widths(model), what)
-
-
-def check_widths(found: Sequence[int], expected: Sequence[int], what: str) -> None:
-    """SimuError unless the per-layer widths agree (layer count and d_ff)."""
-    if len(found) != len(expected):
-        raise SimuError(
-            f"the {what} has {len(found)} layers but the model has {len(expected)}: it was made for another "
-            "model. Recompute it for this model."
-        )
-    if list(found) != list(expected):
-        bad = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
-        raise SimuError(
-            f"the {what} has {found[bad]} neurons in layer {bad} but the model has {expected[bad]}: it was made "
-            "for another model. Recompute it for this model."
-        )
 
 
 def overlap(a: NeuronMask, b: NeuronMask) -> float:
@@ -184,48 +80,6 @@ def overlap(a: NeuronMask, b: NeuronMask) -> float:
 # --------------------------------------------------------------------------------------------
 # Parameter counts: what fraction of the model a mask frees
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ParamCounts:
-    """Parameter counts a mask's trainable fraction needs (so scores files can carry them).
-
-    `down_per_neuron[l]`: parameters of one neuron's slice of layer l's output projection (d_model).
-    `up_per_neuron[l]`: parameters of one neuron's input rows in gate/up (incl. their bias entries).
-    `attention[l]`: all parameters of layer l's attention projections.
-    """
-
-    total: int
-    down_per_neuron: list[int]
-    up_per_neuron: list[int]
-    attention: list[int]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ParamCounts:
-        return cls(
-            int(data["total"]), list(data["down_per_neuron"]), list(data["up_per_neuron"]), list(data["attention"])
-        )
-
-
-def _module_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def param_counts(model: nn.Module) -> ParamCounts:
-    """The `ParamCounts` of `model` (shared parameters counted once in `total`)."""
-    from simu_core.arch import count_parameters, neuron_layers
-
-    layers = neuron_layers(model)
-    down = [layer.down.weight.numel() // layer.d_ff for layer in layers]
-    up = [
-        sum(m.weight.numel() // layer.d_ff + (1 if getattr(m, "bias", None) is not None else 0) for _, m in layer.ups)
-        for layer in layers
-    ]
-    attention = [sum(_module_params(m) for _, m in layer.attention) for layer in layers]
-    return ParamCounts(count_parameters(model), down, up, attention)
 
 
 def trainable_count(

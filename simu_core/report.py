@@ -4,7 +4,8 @@
 With `before=None` the page shows one model. Sections: headline numbers with deltas, bar charts
 per split (before vs after, delta on the bars), membership-inference AUCs, the forget-set truth
 ratio distributions (what forget quality compares), all numbers, per-example answers, and the
-metrics that were skipped with their reasons.
+metrics that were skipped with their reasons. The charts come from `simu_core.figures` (this
+module writes HTML and imports no plotting library itself).
 """
 
 from __future__ import annotations
@@ -14,22 +15,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-
-from simu_core.metrics import MIA_ATTACKS, Report, compare, goal_of
+from simu_core import figures
+from simu_core.metrics import Report, compare, goal_of
 
 HEADLINE = ("forget_quality", "model_utility", "privleak", "mia_score", "perplexity")
-BAR_METRICS = (
-    "rouge_l",
-    "exact_match",
-    "prob",
-    "exact_memorization",
-    "extraction_strength",
-    "truth_ratio",
-    "prob_vs_perturbed",
-)
 TABLE_VALUES = ("rouge_l", "prob", "truth_ratio")
-COLORS = {"before": "#8c9bb0", "after": "#2f6fdf", "reference": "#e39b2d"}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#1d2430}
@@ -61,11 +51,6 @@ def _e(text) -> str:
     return html.escape(str(text))
 
 
-def _figure_html(fig, div_id: str) -> str:
-    fig.update_layout(template="plotly_white", margin={"l": 50, "r": 20, "t": 50, "b": 40}, height=360)
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
-
-
 def _headline(after: Report, before: Report | None) -> str:
     deltas = compare(before, after) if before else {}
     cards = []
@@ -84,63 +69,6 @@ def _headline(after: Report, before: Report | None) -> str:
             f'<div class="v">{_fmt(value)}</div>{line}{note}</div>'
         )
     return '<div class="cards">' + "".join(cards) + "</div>"
-
-
-def _split_bars(after: Report, before: Report | None, split: str) -> str:
-    fig = split_bars_figure(after, before, split)
-    return _figure_html(fig, f"bars-{split}") if fig is not None else ""
-
-
-def _delta_text(delta) -> str:
-    if delta is None or delta.delta is None:
-        return ""
-    return f"{'+' if delta.delta > 0 else ''}{delta.delta:.3f}"
-
-
-def _mia_bars(after: Report, before: Report | None) -> str:
-    import plotly.graph_objects as go
-
-    keys = [f"mia_auc_{a}" for a in MIA_ATTACKS if after.summary.get(f"mia_auc_{a}") is not None]
-    if not keys:
-        return ""
-    fig = go.Figure()
-    for label, report in (("before", before), ("after", after)):
-        if report is not None:
-            fig.add_bar(
-                name=f"{label} ({report.model})",
-                x=keys,
-                y=[report.summary.get(k) for k in keys],
-                marker_color=COLORS[label],
-            )
-    fig.add_hline(y=0.5, line_dash="dot", annotation_text="0.5 = forget and holdout look alike")
-    fig.update_layout(
-        title="Membership inference AUC, forget vs holdout (1 = forget set recognised)", yaxis_range=[0, 1.05]
-    )
-    return _figure_html(fig, "mia")
-
-
-def _truth_ratio_hist(after: Report, before: Report | None) -> str:
-    import plotly.graph_objects as go
-
-    series = []
-    for label, report in (("before", before), ("after", after)):
-        if report is not None and "forget" in report.splits and "truth_ratio" in report.splits["forget"].values:
-            series.append((f"{label} ({report.model})", report.values("forget", "truth_ratio"), COLORS[label]))
-    ref = after.reference_values.get("forget", {}).get("truth_ratio")
-    if ref:
-        series.append((f"reference ({after.reference})", np.array(ref, dtype=float), COLORS["reference"]))
-    if not series:
-        return ""
-    fig = go.Figure()
-    for name, values, color in series:
-        values = values[np.isfinite(values) & (values > 0)]
-        fig.add_histogram(x=np.log10(values), name=name, marker_color=color, opacity=0.6, nbinsx=30)
-    fig.update_layout(
-        title="Forget-set truth ratios, log10 R (forget quality = KS test of after vs reference)",
-        barmode="overlay",
-        xaxis_title="log10 R  (R < 1: prefers the true answer)",
-    )
-    return _figure_html(fig, "truth-ratio")
 
 
 def _all_numbers(after: Report, before: Report | None) -> str:
@@ -205,18 +133,19 @@ def _skipped(after: Report) -> str:
 
 def render_html(after: Report, before: Report | None = None, title: str | None = None) -> str:
     """The whole report page as a string; plotly.js is inlined so the file opens offline."""
-    from plotly.offline import get_plotlyjs
-
     title = title or (f"SIMU Studio evaluation: {after.model}" + (f" vs {before.model}" if before else ""))
-    charts = [_split_bars(after, before, split) for split in after.splits]
-    charts += [_mia_bars(after, before), _truth_ratio_hist(after, before)]
+    charts = [(f"bars-{split}", figures.split_bars_figure(after, before, split)) for split in after.splits]
+    charts += [
+        ("mia", figures.mia_auc_figure(after, before)),
+        ("truth-ratio", figures.truth_ratio_figure(after, before)),
+    ]
     body = [
         f"<h1>{_e(title)}</h1>",
         _header(after, before),
         "<h2>Headline</h2>",
         _headline(after, before),
         "<h2>Charts</h2>",
-        *[c for c in charts if c],
+        *[figures.figure_html(fig, div_id) for div_id, fig in charts if fig is not None],
         "<h2>All numbers</h2>",
         _all_numbers(after, before),
         "<h2>Per-example answers</h2>",
@@ -225,7 +154,7 @@ def render_html(after: Report, before: Report | None = None, title: str | None =
     ]
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-        f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>{''.join(body)}</body></html>"
+        f"<style>{_CSS}</style><script>{figures.plotly_js()}</script></head><body>{''.join(body)}</body></html>"
     )
 
 
@@ -237,60 +166,3 @@ def write_html(path: str | Path, after: Report, before: Report | None = None, ti
     tmp.write_text(render_html(after, before, title), encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# Figures for the app (plotly figure objects; the page above embeds its own as HTML)
-# --------------------------------------------------------------------------------------------
-
-
-def split_bars_figure(after: Report, before: Report | None, split: str):
-    """Plotly grouped bars of one split's scores (0–1), before vs after, the delta written on the after
-    bars; None when the split has none of `BAR_METRICS`."""
-    import plotly.graph_objects as go
-
-    names = [m for m in BAR_METRICS if after.summary.get(f"{split}/{m}") is not None]
-    if not names:
-        return None
-    deltas = compare(before, after) if before is not None else {}
-    fig = go.Figure()
-    if before is not None:
-        fig.add_bar(name=f"before ({before.model})", x=names, y=[before.summary.get(f"{split}/{m}") for m in names],
-                    marker_color=COLORS["before"])  # fmt: skip
-    fig.add_bar(
-        name=f"after ({after.model})" if before is not None else after.model,
-        x=names,
-        y=[after.summary.get(f"{split}/{m}") for m in names],
-        text=[_delta_text(deltas.get(f"{split}/{m}")) for m in names] if deltas else None,
-        textposition="outside",
-        marker_color=COLORS["after"],
-    )
-    fig.update_layout(
-        title=f"{split} split: scores before and after" + (" (delta on the after bars)" if deltas else ""),
-        barmode="group",
-        xaxis_title="metric",
-        yaxis_title="score (0–1)",
-        yaxis_range=[0, 1.15],
-        legend={"orientation": "h", "y": -0.3},
-        margin={"t": 50},
-    )
-    return fig
-
-
-def runs_figure(reports: dict[str, Report], keys: list[str]):
-    """Plotly grouped bars comparing several reports (one colour each) on summary `keys` (0–1 scores)."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for name, report in reports.items():
-        fig.add_bar(name=name, x=list(keys), y=[report.summary.get(k) for k in keys])
-    fig.update_layout(
-        title="Runs compared",
-        barmode="group",
-        xaxis_title="metric (split/metric)",
-        yaxis_title="score (0–1)",
-        yaxis_range=[0, 1.05],
-        legend={"orientation": "h", "y": -0.3},
-        margin={"t": 50},
-    )
-    return fig

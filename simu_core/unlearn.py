@@ -37,8 +37,9 @@ from simu_core.arch import count_parameters, neuron_layers
 from simu_core.config import MaskConfig, UnlearnConfig, to_dict
 from simu_core.errors import SimuError
 from simu_core.losses import NEEDS_REFERENCE, LossInputs, answer_logits, get_loss, mean_nll
-from simu_core.masks import MLP_PARTS, NeuronMask, check_mask_fits, make_mask, random_mask_like
+from simu_core.masks import MLP_PARTS, check_mask_fits, make_mask, random_mask_like
 from simu_core.models import LoadedModel, greedy_answers, pick_device
+from simu_core.neurons import NeuronMask
 from simu_core.optim import (
     ESTIMATORS,
     AdamW,

@@ -20,7 +20,6 @@ from simu_core import data as qa
 from simu_core.arch import neuron_layers
 from simu_core.attribution import (
     METHODS,
-    NeuronScores,
     attribute,
     attribute_examples,
     token_attribution,
@@ -28,6 +27,7 @@ from simu_core.attribution import (
 from simu_core.cli import main
 from simu_core.errors import SimuError
 from simu_core.masks import make_mask, random_mask_like
+from simu_core.neurons import NeuronScores
 
 N_SMALL = 6  # examples for the Captum comparisons (keeps each test well under a second)
 

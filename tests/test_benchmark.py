@@ -19,12 +19,11 @@ from simu_core.benchmark import (
     markdown_table,
     matched_verdict,
     plan_cells,
-    quality_figures,
     read_cell,
     run_quality,
-    write_figures,
 )
 from simu_core.errors import SimuError
+from simu_core.figures import quality_figures, write_figures
 from simu_core.metrics import EvalConfig
 
 # Tiny settings: 2 optimiser steps, 8 evaluated items per split, short answers.

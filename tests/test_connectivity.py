@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from simu_core import arch, cli, connectivity
+from simu_core import arch, cli, connectivity, figures
 from simu_core import data as qa
 from simu_core.connectivity import FitConfig, evaluate_path, fit_bend, make_path, split_loss
 from simu_core.errors import SimuError
@@ -213,7 +213,7 @@ def test_path_keeps_no_reference_to_model_b(full_model):
 
 
 def test_a_run_folder_is_an_endpoint_and_its_delta_is_all_that_is_carried(full_model, splits, tmp_path):
-    from simu_core.masks import NeuronMask
+    from simu_core.neurons import NeuronMask
     from simu_core.runs import save_run
     from simu_core.unlearn import preset_config, unlearn
 
@@ -326,7 +326,7 @@ def test_rouge_along_the_path_ends_at_the_endpoints_own_answers(full_model, simu
             expected = np.mean([rouge_l_recall(a, r) for a, r in zip(answers, ds.answers(), strict=True)])
             assert result.rouge_l[name][i] == pytest.approx(expected, abs=1e-12)
     assert result.rouge_l["forget"][0] > result.rouge_l["forget"][1]  # B forgot
-    assert "forget ROUGE-L" in [trace.name for trace in connectivity.path_figure(result).data]
+    assert "forget ROUGE-L" in [trace.name for trace in figures.path_figure(result).data]
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def test_path_figure_shows_both_splits_the_barrier_and_units(full_model, simu_li
     path = make_path(full_model, _loaded(full_model, simu_like_b), "bezier")
     result = evaluate_path(path, splits, points=3)
     result.linear = evaluate_path(path.as_curve("linear"), splits, points=3)
-    fig = connectivity.path_figure(result)
+    fig = figures.path_figure(result)
     names = [trace.name for trace in fig.data]
     assert {"forget (bezier)", "retain (bezier)", "forget (linear)", "retain (linear)"} <= set(names)
     barrier = next(trace for trace in fig.data if trace.name == "forget barrier")

@@ -13,7 +13,6 @@ import torch
 from simu_core.errors import SimuError
 from simu_core.masks import (
     RULES,
-    NeuronMask,
     check_mask_fits,
     combined_scores,
     full_mask,
@@ -23,6 +22,7 @@ from simu_core.masks import (
     trainable_count,
     trainable_fraction,
 )
+from simu_core.neurons import NeuronMask
 
 # Two layers of four neurons. Layer 0 max 4 (neuron 1), layer 1 max 2 (neuron 3).
 FORGET = [torch.tensor([1.0, 4.0, 3.0, -2.0]), torch.tensor([0.5, 1.5, -1.0, 2.0])]

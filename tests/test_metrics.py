@@ -17,9 +17,10 @@ from rouge_score import rouge_scorer
 from scipy.stats import hmean, ks_2samp
 from torch import nn
 
-from simu_core import builtin, metrics, models
+from simu_core import builtin, evaluation, metrics, models
 from simu_core import data as qa
 from simu_core.errors import SimuError
+from simu_core.metrics import likelihood
 
 
 def load_split(spec: str, root) -> qa.QADataset:
@@ -33,7 +34,7 @@ def retain_model(builtin_dir):
 
 @pytest.fixture(scope="module")
 def splits(builtin_dir) -> dict[str, qa.QADataset]:
-    specs = metrics.builtin_companions("builtin:forget10")
+    specs = evaluation.builtin_companions("builtin:forget10")
     return {name: load_split(spec, builtin_dir) for name, spec in specs.items()}
 
 
@@ -374,8 +375,8 @@ def test_batches_shrink_under_the_logits_cap_without_changing_values(full_model,
     examples = [qa.encode(full_model.tokenizer, full_model.fmt, it["question"], it["answer"]) for it in items]
     pad = qa.pad_id_of(full_model.tokenizer)
     batched = metrics.token_stats(full_model.model, examples, pad, batch_size=5, full=True)
-    monkeypatch.setattr(metrics, "MAX_LOGITS", 1)  # one example per forward
-    assert [len(b) for b in metrics._length_batches(examples, 5, 512)] == [1] * 5
+    monkeypatch.setattr(likelihood, "MAX_LOGITS", 1)  # one example per forward
+    assert [len(b) for b in likelihood._length_batches(examples, 5, 512)] == [1] * 5
     alone = metrics.token_stats(full_model.model, examples, pad, batch_size=5, full=True)
     np.testing.assert_allclose(alone.nll_sum, batched.nll_sum, rtol=1e-5)  # fp32, padding vs none
     np.testing.assert_array_equal(alone.correct, batched.correct)

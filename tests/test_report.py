@@ -9,7 +9,7 @@ import re
 import pytest
 from plotly.offline import get_plotlyjs
 
-from simu_core import cli, metrics, models, report
+from simu_core import cli, evaluation, metrics, models, report
 from simu_core import data as qa
 
 SMALL = metrics.EvalConfig(max_items=6, max_new_tokens=24)
@@ -22,7 +22,7 @@ def retain_model(builtin_dir):
 
 @pytest.fixture(scope="module")
 def splits(builtin_dir):
-    specs = metrics.builtin_companions("builtin:forget10")
+    specs = evaluation.builtin_companions("builtin:forget10")
     return {name: qa.load_data(spec, root=builtin_dir) for name, spec in specs.items()}
 
 

@@ -10,8 +10,8 @@ import torch
 from simu_core import data as qa
 from simu_core.arch import neuron_layers
 from simu_core.errors import SimuError
-from simu_core.masks import NeuronMask
 from simu_core.models import exact_match, greedy_answers
+from simu_core.neurons import NeuronMask
 from simu_core.unlearn import (
     METHODS,
     check_memory,

@@ -1,0 +1,63 @@
+"""Membership inference: per-example attack scores and the numbers computed from them.
+
+Attack scores (`MIA_ATTACKS`), all oriented "higher = more likely a NON-member":
+- `loss`: mean answer NLL (LOSS attack);
+- `zlib`: mean answer NLL / zlib-compressed size of the answer (`zlib_score`);
+- `min_k`: Min-K% Prob, -mean of the k-fraction lowest answer-token log-probabilities;
+- `min_k_pp`: Min-K%++, the same over the normalised token scores (log p(x_t) - mu_t) / sigma_t
+  (`min_k_score` does both).
+
+Numbers: `roc_auc` of forget (label 0) vs holdout (label 1), so AUC -> 1 when the model still
+recognises the forget set and 0.5 when forget and holdout look alike (open-unlearning's
+convention); `privleak` = 100 (AUC - AUC_ref) / AUC_ref with this AUC, so > 0 means the forget set
+is still more exposed than under the retain model and < 0 means over-unlearning (MUSE's tables use
+the opposite AUC orientation, hence the opposite sign); `mia_score` = LUME's 1 - 2 |AUC - 0.5|.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+
+
+def min_k_score(token_scores: np.ndarray, k: float) -> np.ndarray:
+    """[N] = -mean of the k-fraction lowest token scores of each row ([N, A], NaN = padding).
+
+    The count is max(1, floor(k * n_tokens)), as in open-unlearning. With log-probs this is
+    Min-K% Prob; with Min-K%++'s normalised scores it is Min-K%++. Higher = more likely a non-member.
+    """
+    present = ~np.isnan(token_scores)
+    count = np.maximum(1, np.floor(present.sum(1) * k).astype(int))
+    ranked = np.sort(np.where(present, token_scores, np.inf), axis=1)
+    take = np.arange(token_scores.shape[1])[None] < count[:, None]
+    return -np.where(take, ranked, 0.0).sum(1) / count
+
+
+def zlib_score(mean_nll: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    """[N] zlib attack score: mean answer NLL / zlib-compressed length of the answer text in bytes."""
+    sizes = np.array([len(zlib.compress(text.encode("utf-8"))) for text in texts])
+    return mean_nll / sizes
+
+
+def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve = P(score(positive) > score(negative)) + P(tie) / 2 (Mann-Whitney)."""
+    from scipy.stats import rankdata
+
+    scores = np.concatenate([negatives, positives])
+    ranks = rankdata(scores)  # average ranks handle ties
+    n_pos, n_neg = len(positives), len(negatives)
+    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def privleak(auc: float, reference_auc: float) -> float:
+    """MUSE PrivLeak = 100 (AUC - AUC_ref) / AUC_ref; > 0: forget set still exposed, < 0: over-unlearned."""
+    return 100.0 * (auc - reference_auc) / reference_auc
+
+
+def mia_score(auc: float) -> float:
+    """LUME MIA score 1 - 2 |AUC - 0.5| (1 = forget and holdout indistinguishable)."""
+    return 1.0 - 2.0 * abs(auc - 0.5)
