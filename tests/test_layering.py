@@ -24,46 +24,49 @@ LAYERS = {
     "simu_core.errors": 0,
     "simu_core": 1,  # __version__, SimuError
     "simu_core.config": 1,
+    "simu_core.answers": 1,  # free-form answer matching (text only)
     # data, model architectures, background jobs
     "simu_core.data": 2,
     "simu_core.arch": 2,
     "simu_core.jobs": 2,
+    # converting GGUF files and obtaining SmolLM2 (called by models for .gguf and builtin:smollm2 specs)
+    "simu_core.pretrained": 3,
     # loading models
-    "simu_core.models": 3,
+    "simu_core.models": 4,
     # the built-in default (build and cache); per-neuron types (scores, masks, their files)
-    "simu_core.builtin": 4,
-    "simu_core.neurons": 4,
+    "simu_core.builtin": 5,
+    "simu_core.neurons": 5,
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
-    "simu_core.attribution": 5,
-    "simu_core.masks": 5,
-    "simu_core.losses": 5,
-    "simu_core.optim": 5,
-    "simu_core.metrics": 5,
-    "simu_core.metrics.text": 5,
-    "simu_core.metrics.mia": 5,
-    "simu_core.metrics.likelihood": 5,
-    "simu_core.metrics.inputs": 5,
-    "simu_core.metrics.registry": 5,
-    "simu_core.metrics.suite": 5,
-    "simu_core.metrics.results": 5,
-    "simu_core.metrics.driver": 5,
+    "simu_core.attribution": 6,
+    "simu_core.masks": 6,
+    "simu_core.losses": 6,
+    "simu_core.optim": 6,
+    "simu_core.metrics": 6,
+    "simu_core.metrics.text": 6,
+    "simu_core.metrics.mia": 6,
+    "simu_core.metrics.likelihood": 6,
+    "simu_core.metrics.inputs": 6,
+    "simu_core.metrics.registry": 6,
+    "simu_core.metrics.suite": 6,
+    "simu_core.metrics.results": 6,
+    "simu_core.metrics.driver": 6,
     # unlearning (stage 2 and the baselines)
-    "simu_core.unlearn": 6,
+    "simu_core.unlearn": 7,
     # run folders
-    "simu_core.runs": 7,
+    "simu_core.runs": 8,
     # mode connectivity between models and runs
-    "simu_core.connectivity": 8,
+    "simu_core.connectivity": 9,
     # every plotly figure
-    "simu_core.figures": 9,
+    "simu_core.figures": 10,
     # the HTML evaluation report
-    "simu_core.report": 10,
+    "simu_core.report": 11,
     # evaluating models and runs named by specs
-    "simu_core.evaluation": 11,
+    "simu_core.evaluation": 12,
     # the quality benchmark
-    "simu_core.benchmark": 12,
+    "simu_core.benchmark": 13,
     # the command line
-    "simu_core.cli": 13,
-    "simu_core.__main__": 14,
+    "simu_core.cli": 14,
+    "simu_core.__main__": 15,
 }
 PLOTTING = ("plotly",)  # only simu_core.figures imports these
 FORBIDDEN = ("streamlit",)  # simu_core never imports these
