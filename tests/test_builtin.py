@@ -15,7 +15,7 @@ import pytest
 import transformers as tf
 
 from simu_core import builtin
-from simu_core.config import BuiltinConfig, TinyModelConfig, TrainConfig, to_dict
+from simu_core.config import BuiltinConfig, TinyModelConfig, TrainConfig, builtin_config, to_dict
 from tests.conftest import TEST_BUILTIN
 
 # A build of a few seconds: enough to exercise every part, not to learn anything.
@@ -200,3 +200,59 @@ def test_a_background_build_survives_its_caller_reports_progress_and_resumes_aft
     assert mtimes(root, "data") == data_files  # resumed: the finished part was kept
     assert builtin.missing_parts(root, ("full",), slow) == []
     assert not list(root.glob(".*.building-*"))
+
+
+# --------------------------------------------------------------------------- the shipped default
+@pytest.fixture
+def shipped_micro(micro_build, tmp_path, monkeypatch) -> Path:
+    """A micro build standing in for the package's shipped default."""
+    assets = copy_of(micro_build, tmp_path / "assets")
+    monkeypatch.setattr(builtin, "ASSETS", assets)
+    return assets
+
+
+def test_a_first_start_copies_the_shipped_build_instead_of_training(shipped_micro, tmp_path):
+    manifest = builtin.build(tmp_path / "fresh", MICRO)
+    assert {part: entry["source"] for part, entry in manifest["parts"].items()} == dict.fromkeys(
+        builtin.BUILD_ORDER, "shipped"
+    )
+    assert builtin.builtin_status(tmp_path / "fresh", MICRO) == "ok"
+    assert manifest["files"] == builtin.read_manifest(shipped_micro)["files"]
+
+
+def test_a_shipped_file_that_fails_its_hash_is_trained_instead(shipped_micro, tmp_path):
+    (shipped_micro / "models" / "retain01" / "model.safetensors").write_bytes(b"corrupted")
+    manifest = builtin.build(tmp_path / "fresh", MICRO)
+    assert manifest["parts"]["retain01"].get("source") != "shipped" and manifest["parts"]["full"]["source"] == "shipped"
+    assert builtin.builtin_status(tmp_path / "fresh", MICRO) == "ok"
+
+
+def test_the_shipped_build_is_not_used_for_other_settings_or_when_training_is_asked_for(shipped_micro, tmp_path):
+    other = dataclasses.replace(MICRO, seed=1)
+    assert all("source" not in e for e in builtin.build(tmp_path / "a", other)["parts"].values())
+    trained = builtin.build(tmp_path / "b", MICRO, parts=("data",), use_shipped=False)
+    assert "source" not in trained["parts"]["data"]
+
+
+def test_the_package_ships_the_default_build_intact():
+    manifest = builtin.shipped_manifest()
+    assert manifest is not None, "simu_core/assets/builtin-default is missing (see README: the built-in default)"
+    assert manifest["format"] == builtin.BUILTIN_FORMAT and manifest["config"] == to_dict(builtin_config("default"))
+    assert list(manifest["parts"]) == list(builtin.BUILD_ORDER)
+    for name, digest in manifest["files"].items():
+        assert builtin._sha256(builtin.ASSETS / name) == digest, name
+    assert manifest["exact_match"]["full/full"] >= 0.95
+    assert all(manifest["exact_match"][f"retain{p}/forget{p}"] <= 0.05 for p in ("01", "05", "10"))
+
+
+def test_the_shipped_data_is_what_this_version_generates(tmp_path):
+    shipped = builtin.shipped_manifest()["parts"]["data"]["files"]
+    made = builtin.build(tmp_path / "b", builtin_config("default"), parts=("data",), use_shipped=False)
+    fresh = made["parts"]["data"]["files"]
+    assert {f: h for f, h in fresh.items() if f.startswith("data/")} == {
+        f: h for f, h in shipped.items() if f.startswith("data/")
+    }
+    shipped_tok = tf.AutoTokenizer.from_pretrained(builtin.ASSETS / "tokenizer")
+    fresh_tok = tf.AutoTokenizer.from_pretrained(tmp_path / "b" / "tokenizer")
+    text = (builtin.ASSETS / "data" / "forget10.jsonl").read_text(encoding="utf-8")[:5000]
+    assert shipped_tok(text)["input_ids"] == fresh_tok(text)["input_ids"]
