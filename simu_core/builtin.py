@@ -717,7 +717,10 @@ def start_background_build(root: str | Path | None = None, config: BuiltinConfig
     if build_active(root):
         return False
     folder = _build_dir(root)
-    command = [sys.executable, "-m", "simu_core", "build-default", "--out", str(root)]
+    # Half the cores: the build shares the machine with the app, and on two cores a two-thread torch process
+    # next to other work crawls (its threads wait for each other); one thread each keeps both moving.
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    command = [sys.executable, "-m", "simu_core", "build-default", "--out", str(root), "--threads", str(threads)]
     if config is not None:
         _write_json_atomic(folder / "config.json", to_dict(config))
         command += ["--config", str(folder / "config.json")]

@@ -58,6 +58,7 @@ def _build_default_args(p: argparse.ArgumentParser) -> None:
         "--parts", help="comma-separated parts to build (default: all): data,full,retain10,retain05,retain01"
     )
     p.add_argument("--force", action="store_true", help="rebuild every part even if an intact build exists")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for training (default: torch's choice)")
     p.add_argument("--train", action="store_true",
                    help="train every part here, even those the package ships ready-made (the default size)")  # fmt: skip
     p.add_argument("--size", choices=BUILTIN_SIZES, default=None,
@@ -93,6 +94,10 @@ def build_default_cmd(args: argparse.Namespace) -> dict:
     from simu_core.config import builtin_root
 
     config = _requested_config(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = args.out or str(builtin_root(args.size))
     parts = tuple(p.strip() for p in args.parts.split(",")) if args.parts else BUILD_ORDER
     unknown = set(parts) - set(BUILD_ORDER)
