@@ -266,11 +266,37 @@ def test_memorising_model_gives_auc_near_one_in_the_documented_direction(full_re
     )
 
 
-def test_privleak_and_mia_score_follow_their_formulas(full_report):
+def muse_privleak(auc_muse: float, ref_auc_muse: float) -> float:
+    """MUSE's PrivLeak as its eval.py writes it, on MUSE-oriented AUCs (members scored higher, forget = 0)."""
+    return (auc_muse - ref_auc_muse) / ref_auc_muse * 100
+
+
+@pytest.mark.parametrize(
+    ("auc", "ref_auc", "expected"),
+    [
+        (1.0, 0.88, -100.0),  # still recognises the forget set: the leak MUSE reports as ~-100
+        (0.9, 0.8, -50.0),  # r > 0.5: 100 (0.8 - 0.9) / 0.2
+        (0.6, 0.3, 100 * -0.3 / 0.7),  # r < 0.5: the old formula 100 (a - r) / r gave +100 here
+        (0.2, 0.3, 100 * 0.1 / 0.7),  # forget set less familiar than under the retain model: over-unlearned, > 0
+        (0.5, 0.5, 0.0),
+    ],
+)
+def test_privleak_is_muses_formula_in_this_projects_auc_orientation(auc, ref_auc, expected):
+    # Exact up to float rounding (1e-9): the same three-term expression, evaluated in another order.
+    assert metrics.privleak(auc, ref_auc) == pytest.approx(expected, abs=1e-9)
+    assert metrics.privleak(auc, ref_auc) == pytest.approx(muse_privleak(1 - auc, 1 - ref_auc), abs=1e-9)
+
+
+def test_privleak_of_the_original_model_against_its_retain_reference_is_about_minus_100(full_report):
     ref = full_report.reference_values
     ref_auc = pairwise_auc(ref["forget"]["mia_min_k"], ref["holdout"]["mia_min_k"])
     auc = full_report.summary["mia_auc_min_k"]
-    assert full_report.privleak == pytest.approx(100 * (auc - ref_auc) / ref_auc, rel=1e-9)
+    assert 0.5 < ref_auc < 1 and auc == 1.0  # the full model tells its forget set from the holdout perfectly
+    assert full_report.privleak == pytest.approx(100 * (ref_auc - auc) / (1 - ref_auc), rel=1e-9)
+    assert full_report.privleak == pytest.approx(-100.0)
+
+
+def test_mia_score_is_one_minus_twice_the_auc_gap_to_one_half(full_report):
     assert full_report.mia_score == pytest.approx(1 - 2 * abs(full_report.summary["mia_auc_loss"] - 0.5))
 
 

@@ -8,10 +8,15 @@ Attack scores (`MIA_ATTACKS`), all oriented "higher = more likely a NON-member":
   (`min_k_score` does both).
 
 Numbers: `roc_auc` of forget (label 0) vs holdout (label 1), so AUC -> 1 when the model still
-recognises the forget set and 0.5 when forget and holdout look alike (open-unlearning's
-convention); `privleak` = 100 (AUC - AUC_ref) / AUC_ref with this AUC, so > 0 means the forget set
-is still more exposed than under the retain model and < 0 means over-unlearning (MUSE's tables use
-the opposite AUC orientation, hence the opposite sign); `mia_score` = LUME's 1 - 2 |AUC - 0.5|.
+recognises the forget set and 0.5 when forget and holdout look alike (open-unlearning's convention,
+`mia/utils.py`: "auc is 1 when the forget data is much more likely than the holdout data").
+MUSE computes its AUC the other way round (members scored higher, forget labelled 0: its AUC -> 0 when
+the forget set is recognised), i.e. AUC_MUSE = 1 - AUC here. `privleak` is MUSE's
+100 (AUC_MUSE - AUC_MUSE_ref) / AUC_MUSE_ref written in this orientation: 100 (r - a) / (1 - r) with
+a = AUC of the model, r = AUC of the retain reference (open-unlearning's `privacy.privleak` does the
+same conversion). About -100 for a model that still holds the forget set (MUSE's un-unlearned
+models), 0 when it looks like the retain model, large positive = over-unlearning (the forget set is
+now *less* familiar than under the retain model). `mia_score` = LUME's 1 - 2 |AUC - 0.5|.
 """
 
 from __future__ import annotations
@@ -54,8 +59,13 @@ def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
 
 
 def privleak(auc: float, reference_auc: float) -> float:
-    """MUSE PrivLeak = 100 (AUC - AUC_ref) / AUC_ref; > 0: forget set still exposed, < 0: over-unlearned."""
-    return 100.0 * (auc - reference_auc) / reference_auc
+    """MUSE PrivLeak in percent: 100 (r - a) / (1 - r), a = `auc`, r = `reference_auc` (this module's orientation).
+
+    Equals MUSE's 100 (a' - r') / r' with MUSE's AUCs a' = 1 - a, r' = 1 - r. ~-100: the forget set is
+    still recognised (leak); 0: like the retain model; > 0: over-unlearned. Undefined (ZeroDivisionError)
+    for r = 1.
+    """
+    return 100.0 * (reference_auc - auc) / (1.0 - reference_auc)
 
 
 def mia_score(auc: float) -> float:

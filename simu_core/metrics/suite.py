@@ -166,7 +166,8 @@ for _attack in MIA_ATTACKS:
 
 @summary_metric("privleak", "membership", "zero")
 def _privleak(ctx: SummaryContext) -> float:
-    """MUSE PrivLeak = 100 (AUC - AUC_ref) / AUC_ref; > 0: forget set still exposed, < 0: over-unlearned."""
+    """MUSE PrivLeak = 100 (r - a) / (1 - r) on the Min-K% AUCs of the model (a) and the retain reference (r);
+    about -100: the forget set still leaks, 0: like the retain model, > 0: over-unlearned."""
     attack = ctx.cfg.privleak_attack
     auc = _mia_auc(ctx, attack)
     if ctx.has_reference:
@@ -174,8 +175,11 @@ def _privleak(ctx: SummaryContext) -> float:
     else:
         ref_auc = 0.5
         ctx.notes["privleak"] = "no reference model: reference AUC taken as 0.5 (as open-unlearning does)"
-    if ref_auc == 0:
-        raise MetricSkipped("the reference model's AUC is 0, so the relative PrivLeak is undefined")
+    if ref_auc == 1:
+        raise MetricSkipped(
+            "the reference model's AUC is 1 (it tells forget from holdout perfectly), so PrivLeak's "
+            "denominator 1 - AUC_ref is 0; use a reference that never saw the forget set"
+        )
     return privleak(auc, ref_auc)
 
 
