@@ -168,9 +168,55 @@ def test_exact_memorization_and_extraction_strength_on_worked_cases(bigram_stats
     np.testing.assert_array_equal(
         bigram_stats.correct.sum(1), [sum(h) for h in hits]
     )  # the argmax hits worked out by hand
+    em = metrics.exact_memorization(bigram_stats.correct, bigram_stats.n_tokens)
+    np.testing.assert_allclose(em, [sum(h) / len(h) for h in hits], atol=1e-12)  # ratios of small integers
     es = metrics.extraction_strength(bigram_stats.correct, bigram_stats.n_tokens)
     # k* = first index of the all-correct suffix: case 1 -> 3 of 4, case 2 -> 2 of 3, case 3 -> 0, case 4 -> 2 of 2
     np.testing.assert_allclose(es, [1 - 3 / 4, 1 - 2 / 3, 1.0, 0.0])
+
+
+EOS = 0  # in the EOS cases below, token 0 plays the closing EOS: case 1 ends with it, case 2 does not
+
+
+@pytest.fixture(scope="module")
+def bigram_eos_stats() -> metrics.TokenStats:
+    examples = [qa.Encoded(prompt + answer, len(prompt)) for prompt, answer, _ in BIGRAM_CASES[:2]]
+    return metrics.token_stats(BigramLM(), examples, pad_id=3, batch_size=2, full=True, eos_id=EOS)
+
+
+def test_a_closing_eos_is_counted_apart(bigram_eos_stats):
+    np.testing.assert_array_equal(bigram_eos_stats.n_tokens, [4, 3])  # the NLL and Prob keep it (as TOFU)
+    np.testing.assert_array_equal(bigram_eos_stats.n_eos, [1, 0])
+    np.testing.assert_array_equal(bigram_eos_stats.n_answer, [3, 3])
+
+
+def test_min_k_exact_memorization_and_extraction_strength_leave_the_eos_out(bigram_eos_stats):
+    """Case 1 scored on its answer tokens [1, 1, 0] only (hits 1, 1, 0), as open-unlearning's tokenwise_logprobs."""
+    stats, k = bigram_eos_stats, 0.75
+    prompt, answer, hits = BIGRAM_CASES[0]
+    scored = answer_tokens(prompt, answer)[:-1]  # the EOS token 0 | 0 is not scored
+    min_k = metrics.min_k_score(stats.answer_only(stats.log_probs), k)
+    assert min_k[0] == pytest.approx(hand_min_k([hand_log_prob(p, t) for p, t in scored], k), abs=1e-5)  # fp32
+    min_k_pp = metrics.min_k_score(stats.answer_only(stats.minkpp), k)
+    assert min_k_pp[0] == pytest.approx(hand_min_k([hand_minkpp_token(p, t) for p, t in scored], k), abs=1e-4)
+    # Exact ratios of small integers (no float error beyond the last bit).
+    assert metrics.exact_memorization(stats.correct, stats.n_answer)[0] == pytest.approx(2 / 3, abs=1e-12)
+    assert metrics.extraction_strength(stats.correct, stats.n_answer)[0] == 0.0  # last answer token missed
+    with_eos = metrics.extraction_strength(stats.correct, stats.n_tokens)[0]
+    assert with_eos == pytest.approx(1 - 3 / 4, abs=1e-12)  # what counting the EOS gave
+
+
+def test_builtin_min_k_scores_the_answer_tokens_without_eos(full_report, full_model):
+    """Min-K% of each forget item, by hand from transformers' own logits of that item alone, EOS left out."""
+    result = full_report.splits["forget"]
+    tok, fmt, k = full_model.tokenizer, full_model.fmt, SMALL.min_k
+    for row in range(3):
+        enc = qa.encode(tok, fmt, result.questions[row], result.answers[row])
+        assert fmt.appends_eos and enc.ids[-1] == tok.eos_token_id
+        with torch.no_grad():
+            logp = full_model.model(input_ids=torch.tensor([enc.ids])).logits[0].log_softmax(-1)
+        token_lp = [logp[t - 1, enc.ids[t]].item() for t in range(enc.n_prompt, len(enc.ids) - 1)]  # no EOS
+        assert result.values["mia_min_k"][row] == pytest.approx(hand_min_k(token_lp, k), abs=1e-4)  # fp32 batching
 
 
 def test_batched_nll_matches_the_models_own_loss_per_example(full_model, splits):

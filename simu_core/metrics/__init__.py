@@ -11,8 +11,8 @@ Metric families (definitions: /work/shared/references.md section 5, TOFU / MUSE 
 Min-K%++ / LUME):
 - generation (`text`): greedy answers, ROUGE-L recall (own implementation, rouge_score's default
   tokenisation), exact match (stripped, lower-cased, as LUME);
-- likelihood (`likelihood`): length-normalised answer probability p(a|q)^(1/|a|), exact
-  memorisation (teacher-forced token accuracy), extraction strength;
+- likelihood (`likelihood`): length-normalised answer probability p(a|q)^(1/|a|) (answer + EOS),
+  exact memorisation (teacher-forced token accuracy) and extraction strength (answer tokens only);
 - truth_ratio (`likelihood`): TOFU's R = P(perturbed) / P(paraphrased) (geometric mean over the
   perturbed answers, as TOFU's code), and p(true) / (p(true) + sum p(perturbed));
 - membership (`mia`): per-example LOSS, zlib, Min-K% and Min-K%++ scores, their forget-vs-holdout
@@ -45,6 +45,7 @@ from simu_core.metrics.inputs import EvalConfig, MetricSkipped, SplitInputs, Sum
 from simu_core.metrics.likelihood import (
     UTILITY_COMPONENTS,
     TokenStats,
+    exact_memorization,
     extraction_strength,
     forget_quality,
     harmonic_mean,
@@ -85,6 +86,7 @@ __all__ = [
     "TokenStats",
     "compare",
     "evaluate",
+    "exact_memorization",
     "example_metric",
     "extraction_strength",
     "forget_quality",

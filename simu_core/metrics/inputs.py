@@ -103,8 +103,9 @@ class SplitInputs:
         return qa.encode(self.loaded.tokenizer, self.loaded.fmt, question, answer, self.cfg.max_length)
 
     def _stats(self, examples: list[qa.Encoded], full: bool) -> TokenStats:
-        pad = qa.pad_id_of(self.loaded.tokenizer)
-        return token_stats(self.loaded.model, examples, pad, self.cfg.batch_size, full)
+        tokenizer = self.loaded.tokenizer
+        eos = tokenizer.eos_token_id if self.loaded.fmt.appends_eos else None
+        return token_stats(self.loaded.model, examples, qa.pad_id_of(tokenizer), self.cfg.batch_size, full, eos)
 
     @cached_property
     def generations(self) -> list[str]:

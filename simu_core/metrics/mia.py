@@ -5,7 +5,9 @@ Attack scores (`MIA_ATTACKS`), all oriented "higher = more likely a NON-member":
 - `zlib`: mean answer NLL / zlib-compressed size of the answer (`zlib_score`);
 - `min_k`: Min-K% Prob, -mean of the k-fraction lowest answer-token log-probabilities;
 - `min_k_pp`: Min-K%++, the same over the normalised token scores (log p(x_t) - mu_t) / sigma_t
-  (`min_k_score` does both).
+  (`min_k_score` does both). Both score the answer tokens only, without the closing EOS (as
+  open-unlearning's `tokenwise_logprobs`); `loss` and `zlib` use the mean NLL with the EOS (as its
+  LOSS and zlib attacks, which call `evaluate_probability`).
 
 Numbers: `roc_auc` of forget (label 0) vs holdout (label 1), so AUC -> 1 when the model still
 recognises the forget set and 0.5 when forget and holdout look alike (open-unlearning's convention,
@@ -30,16 +32,19 @@ MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 
 
 def min_k_score(token_scores: np.ndarray, k: float) -> np.ndarray:
-    """[N] = -mean of the k-fraction lowest token scores of each row ([N, A], NaN = padding).
+    """[N] = -mean of the k-fraction lowest token scores of each row ([N, A], NaN = not scored).
 
-    The count is max(1, floor(k * n_tokens)), as in open-unlearning. With log-probs this is
-    Min-K% Prob; with Min-K%++'s normalised scores it is Min-K%++. Higher = more likely a non-member.
+    The count is max(1, floor(k * n_tokens)), as in open-unlearning; a row with no scored token
+    gives NaN. With log-probs this is Min-K% Prob; with Min-K%++'s normalised scores it is Min-K%++.
+    Higher = more likely a non-member.
     """
     present = ~np.isnan(token_scores)
-    count = np.maximum(1, np.floor(present.sum(1) * k).astype(int))
+    n = present.sum(1)
+    count = np.maximum(1, np.floor(n * k).astype(int))
     ranked = np.sort(np.where(present, token_scores, np.inf), axis=1)
     take = np.arange(token_scores.shape[1])[None] < count[:, None]
-    return -np.where(take, ranked, 0.0).sum(1) / count
+    score = -np.where(take & (n[:, None] > 0), ranked, 0.0).sum(1) / count
+    return np.where(n > 0, score, np.nan)
 
 
 def zlib_score(mean_nll: np.ndarray, texts: Sequence[str]) -> np.ndarray:
@@ -49,9 +54,14 @@ def zlib_score(mean_nll: np.ndarray, texts: Sequence[str]) -> np.ndarray:
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve = P(score(positive) > score(negative)) + P(tie) / 2 (Mann-Whitney)."""
+    """Area under the ROC curve = P(score(positive) > score(negative)) + P(tie) / 2 (Mann-Whitney).
+
+    NaN scores (examples that could not be scored) are left out.
+    """
     from scipy.stats import rankdata
 
+    negatives, positives = np.asarray(negatives, dtype=float), np.asarray(positives, dtype=float)
+    negatives, positives = negatives[~np.isnan(negatives)], positives[~np.isnan(positives)]
     scores = np.concatenate([negatives, positives])
     ranks = rankdata(scores)  # average ranks handle ties
     n_pos, n_neg = len(positives), len(negatives)

@@ -14,6 +14,7 @@ import numpy as np
 from simu_core.metrics.inputs import MetricSkipped, SplitInputs, SummaryContext
 from simu_core.metrics.likelihood import (
     UTILITY_COMPONENTS,
+    exact_memorization,
     extraction_strength,
     forget_quality,
     harmonic_mean,
@@ -49,14 +50,14 @@ def _prob(s: SplitInputs) -> np.ndarray:
 
 @example_metric("exact_memorization", "likelihood", "lower", "higher")
 def _exact_memorization(s: SplitInputs) -> np.ndarray:
-    """Teacher-forced token accuracy: share of answer tokens (EOS included) the argmax predicts."""
-    return s.answer.correct.sum(1) / s.answer.n_tokens
+    """Teacher-forced token accuracy: share of the answer tokens (EOS left out) the argmax predicts."""
+    return exact_memorization(s.answer.correct, s.answer.n_answer)
 
 
 @example_metric("extraction_strength", "likelihood", "lower", "higher")
 def _extraction_strength(s: SplitInputs) -> np.ndarray:
-    """ES = 1 - k*/|y|: the share of the answer whose whole suffix the argmax predicts."""
-    return extraction_strength(s.answer.correct, s.answer.n_tokens)
+    """ES = 1 - k*/|y|: the share of the answer (EOS left out) whose whole suffix the argmax predicts."""
+    return extraction_strength(s.answer.correct, s.answer.n_answer)
 
 
 @example_metric(
@@ -90,14 +91,14 @@ def _mia_zlib(s: SplitInputs) -> np.ndarray:
 
 @example_metric("mia_min_k", "membership")
 def _mia_min_k(s: SplitInputs) -> np.ndarray:
-    """Min-K% Prob: -mean of the k lowest answer-token log-probs (k = EvalConfig.min_k)."""
-    return min_k_score(s.answer.log_probs, s.cfg.min_k)
+    """Min-K% Prob: -mean of the k lowest answer-token log-probs, EOS left out (k = EvalConfig.min_k)."""
+    return min_k_score(s.answer.answer_only(s.answer.log_probs), s.cfg.min_k)
 
 
 @example_metric("mia_min_k_pp", "membership")
 def _mia_min_k_pp(s: SplitInputs) -> np.ndarray:
-    """Min-K%++: -mean of the k lowest (log p(x_t) - mu_t) / sigma_t over the answer tokens."""
-    return min_k_score(s.answer.minkpp, s.cfg.min_k)
+    """Min-K%++: -mean of the k lowest (log p(x_t) - mu_t) / sigma_t over the answer tokens, EOS left out."""
+    return min_k_score(s.answer.answer_only(s.answer.minkpp), s.cfg.min_k)
 
 
 @example_metric("repetition", "fluency", "", "lower")
