@@ -64,13 +64,48 @@ ROUGE_CASES = [
     ("", "something"),
     ("something", "..."),
     ("a b c d e", "e d c b a"),
+    # natural text, where the stemmer matters
+    ("She has written several novels about wars.", "She wrote a novel about the war."),
+    ("The authors were honoured with many awards", "The author was honored with an award."),
+    ("Running, jumping and swimming competitions", "He competes in runs, jumps and swims."),
+    ("generously organized universities' hopefulness", "generous organization university hopeful"),
 ]
 
 
 @pytest.mark.parametrize(("prediction", "reference"), ROUGE_CASES)
-def test_rouge_l_recall_matches_rouge_score(prediction, reference):
-    expected = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].recall
-    assert metrics.rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-12)  # exact ratio
+@pytest.mark.parametrize("stem", [True, False])
+def test_rouge_l_recall_matches_rouge_score(prediction, reference, stem):
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+    expected = scorer.score(reference, prediction)["rougeL"].recall
+    assert metrics.rouge_l_recall(prediction, reference, stem) == pytest.approx(expected, abs=1e-12)  # exact ratio
+
+
+def test_rouge_l_recall_on_a_worked_example_with_stemming():
+    # reference tokens: a, cat, run ("runs"), home (4); prediction: the, cat ("cats"), were, run ("running"), home.
+    # LCS = cat, run, home: recall 3/4. Without the stemmer only "home" matches: 1/4.
+    assert metrics.rouge_tokens("The cats were running home") == ["the", "cat", "were", "run", "home"]
+    assert metrics.rouge_l_recall("The cats were running home", "a cat runs home") == 0.75
+    assert metrics.rouge_l_recall("The cats were running home", "a cat runs home", stem=False) == 0.25
+
+
+def test_rouge_l_recall_matches_rouge_score_on_many_natural_pairs():
+    """Parity on 600 pairs of shuffled sentences from a pool of inflected English words (exact to 1e-12)."""
+    pool = (
+        "the author authors authored writing writes wrote written novel novels novelist poem poems poetry "
+        "award awards awarded honoured honored honours famous famously fame born birth birthday city cities "
+        "country countries nationality national studied studies studying student university universities "
+        "teaches taught teacher teaching organisation organization organizational generously generous "
+        "hopefulness hopeful happily happiness relational conditional rational running runs ran jumping "
+        "agreed agreement feed fed sky skies dying lying tying news mistress mistresses caresses ponies ties "
+        "is was were are has had have being been genre genres fantasy fantasies mystery mysteries war wars"
+    ).split()
+    rng = np.random.default_rng(0)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for _ in range(600):
+        reference = " ".join(rng.choice(pool, rng.integers(3, 16)))
+        prediction = " ".join(rng.choice(pool, rng.integers(0, 20)))
+        expected = scorer.score(reference, prediction)["rougeL"].recall
+        assert metrics.rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-12)
 
 
 def test_repetition_rate_on_worked_examples():
@@ -366,7 +401,7 @@ def test_generation_metrics_score_the_models_greedy_answers(full_report, full_mo
     result = full_report.splits["forget"]
     answers = models.greedy_answers(full_model.model, full_model.tokenizer, full_model.fmt, result.questions, 32)
     assert result.generations == answers
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     expected = [scorer.score(gold, gen)["rougeL"].recall for gold, gen in zip(result.answers, answers, strict=True)]
     np.testing.assert_allclose(result.values["rouge_l"], expected, atol=1e-12)
     gold = [a.strip().lower() for a in result.answers]

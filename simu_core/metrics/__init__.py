@@ -9,8 +9,8 @@ the deltas; `simu_core.report` renders them as a self-contained HTML page, and
 
 Metric families (definitions: /work/shared/references.md section 5, TOFU / MUSE / Min-K% /
 Min-K%++ / LUME):
-- generation (`text`): greedy answers, ROUGE-L recall (own implementation, rouge_score's default
-  tokenisation), exact match (stripped, lower-cased, as LUME);
+- generation (`text`): greedy answers, ROUGE-L recall (rouge_score's tokens with its Porter stemmer,
+  as TOFU / MUSE; LCS computed here), exact match (stripped, lower-cased, as LUME);
 - likelihood (`likelihood`): length-normalised answer probability p(a|q)^(1/|a|) (answer + EOS),
   exact memorisation (teacher-forced token accuracy) and extraction strength (answer tokens only);
 - truth_ratio (`likelihood`): TOFU's R = P(perturbed) / P(paraphrased) (geometric mean over the

@@ -34,6 +34,8 @@ class EvalConfig:
     seed: int = 0  # seed of the per-split sample
     min_k: float = 0.4  # fraction of lowest-scoring tokens for Min-K% and Min-K%++ (MUSE/TOFU configs)
     repetition_n: int = 2  # n-gram size of the repetition rate
+    # ROUGE-L with the Porter stemmer, as TOFU and MUSE (rouge_score use_stemmer=True); False: without
+    rouge_stemmer: bool = True
     max_length: int = 512  # tokens per prompt + answer (longer answers are truncated)
     # inputs not computed per split: holdout only serves membership inference (and costs time)
     skip_inputs: dict[str, list[str]] = field(default_factory=lambda: {"holdout": ["generation", "truth_ratio"]})

@@ -32,8 +32,9 @@ from simu_core.metrics.text import repetition_rate, rouge_l_recall, same_answer
 
 @example_metric("rouge_l", "generation", "lower", "higher")
 def _rouge_l(s: SplitInputs) -> np.ndarray:
-    """ROUGE-L recall of the greedy answer against the gold answer."""
-    return np.array([rouge_l_recall(g, it["answer"]) for g, it in zip(s.generations, s.items, strict=True)])
+    """ROUGE-L recall of the greedy answer against the gold answer (Porter-stemmed: EvalConfig.rouge_stemmer)."""
+    stem = s.cfg.rouge_stemmer
+    return np.array([rouge_l_recall(g, it["answer"], stem) for g, it in zip(s.generations, s.items, strict=True)])
 
 
 @example_metric("exact_match", "generation", "lower", "higher")
