@@ -314,10 +314,40 @@ def test_retain_reference_against_itself_has_forget_quality_one(retain_model, sp
     assert report.forget_quality == 1.0
 
 
-def test_model_utility_is_the_harmonic_mean_of_its_six_components(full_report):
-    parts = [full_report.summary[f"{split}/{m}"] for split, ms in metrics.UTILITY_COMPONENTS.items() for m in ms]
+def item_loss(loaded, question: str, answer: str) -> float:
+    """transformers' own mean answer loss of one example alone (the independent reference)."""
+    enc = qa.encode(loaded.tokenizer, loaded.fmt, question, answer)
+    with torch.no_grad():
+        return loaded.model(**qa.collate([enc], qa.pad_id_of(loaded.tokenizer))).loss.item()
+
+
+def test_world_facts_truth_ratio_sets_the_perturbed_answers_against_the_original_answer(
+    full_report, full_model, splits
+):
+    """TOFU's eval config: base_answer_key is `answer` on world facts (and real authors), the paraphrase elsewhere."""
+    result = full_report.splits["world_facts"]
+    for row in range(4):
+        item = splits["world_facts"].items[result.indices[row]]
+        perturbed = np.mean([item_loss(full_model, item["question"], a) for a in item["perturbed_answers"]])
+        expected = math.exp(item_loss(full_model, item["question"], item["answer"]) - perturbed)
+        assert result.values["truth_ratio"][row] == pytest.approx(expected, rel=1e-4)  # fp32 batching
+
+
+def test_model_utility_without_real_authors_is_the_harmonic_mean_of_six_components_and_says_so(full_report):
+    parts = [full_report.summary[f"{split}/{m}"] for split in ("retain", "world_facts")
+             for m in metrics.UTILITY_COMPONENTS[split]]  # fmt: skip
     assert len(parts) == 6 and min(parts) > 0
-    assert full_report.model_utility == pytest.approx(hmean(parts), rel=1e-12)
+    assert full_report.model_utility == pytest.approx(hmean(parts), rel=1e-12)  # same harmonic mean, float order
+    assert "6 of TOFU's 9 components (no real_authors split)" in full_report.notes["model_utility"]
+
+
+def test_model_utility_with_a_real_authors_split_uses_all_nine_components(full_model, splits):
+    data = {"retain": splits["retain"], "real_authors": splits["world_facts"], "world_facts": splits["world_facts"]}
+    report = metrics.evaluate(full_model, data, config=metrics.EvalConfig(max_items=8, max_new_tokens=32))
+    parts = [report.summary[f"{split}/{m}"] for split, ms in metrics.UTILITY_COMPONENTS.items() for m in ms]
+    assert len(parts) == 9
+    assert report.model_utility == pytest.approx(hmean(parts), rel=1e-12)
+    assert "model_utility" not in report.notes
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The evaluation driver: `evaluate(loaded, datasets, reference)` scores one model on named splits.
 
-Splits are named `forget`, `retain`, `holdout`, `world_facts` (`ROLES`; other names are allowed and
-treated like retain). Each split is sampled (seeded, `EvalConfig.max_items`), every registered
+Splits are named `forget`, `retain`, `holdout`, `real_authors`, `world_facts` (`ROLES`; other names
+are allowed and treated like retain). Each split is sampled (seeded, `EvalConfig.max_items`), every registered
 per-example metric is computed on it (inputs lazily, once), then every summary metric across splits;
 a metric that cannot run on the input is skipped with its reason. The result is a `Report`.
 """
@@ -26,7 +26,7 @@ from simu_core.metrics.mia import MIA_ATTACKS
 from simu_core.metrics.registry import EXAMPLE_METRICS, SUMMARY_METRICS
 from simu_core.metrics.results import Report, SplitResult
 
-ROLES = ("forget", "retain", "holdout", "world_facts")
+ROLES = ("forget", "retain", "holdout", "real_authors", "world_facts")
 
 Progress = Callable[[str, float], None]
 
@@ -173,8 +173,8 @@ def evaluate(
 ) -> Report:
     """Evaluate `loaded` (a `models.LoadedModel`) on named splits and return the `Report`.
 
-    datasets: {"forget": ..., "retain": ..., "holdout": ..., "world_facts": ...} (any subset; other
-    names are evaluated like retain). reference: the retain reference model (a LoadedModel with the
+    datasets: {"forget": ..., "retain": ..., "holdout": ..., "real_authors": ..., "world_facts": ...}
+    (any subset; other names are evaluated like retain). reference: the retain reference model (a LoadedModel with the
     same tokenizer) or a `Report` of it on the same data and settings; needed for forget quality and
     PrivLeak. Metrics that cannot run on the input are skipped and their reason is kept in `skipped`.
     progress(message, fraction) is called as the work advances.

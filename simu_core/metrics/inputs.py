@@ -2,7 +2,8 @@
 
 - `EvalConfig`: the evaluation settings (saved in every report);
 - `SplitInputs`: for one split and one model, the greedy answers and the teacher-forced statistics
-  of the gold, paraphrased and perturbed answers, each computed once, when a metric first asks;
+  of the gold, paraphrased and perturbed answers, each computed once, when a metric first asks
+  (`truth_ratio_base`: which answer the truth ratio treats as the true one, per role, as TOFU);
 - `SummaryContext`: what a summary metric (one number across splits) reads of a running evaluation;
 - `MetricSkipped`: raised when a metric cannot be computed on its input (the message says why);
 - `Clock`: seconds per metric family.
@@ -44,6 +45,10 @@ class EvalConfig:
     metrics: list[str] | None = None  # names from EXAMPLE_METRICS / SUMMARY_METRICS; None = all
 
 
+# Roles whose truth ratio uses the original answer as the true one (TOFU: real authors, world facts).
+ORIGINAL_ANSWER_ROLES = ("real_authors", "world_facts")
+
+
 class MetricSkipped(Exception):
     """A metric cannot be computed on this input; the message is the reason shown to the user."""
 
@@ -81,7 +86,8 @@ class Clock:
 class SplitInputs:
     """What the metrics read for one split and one model, computed lazily and cached.
 
-    `items` are the (sampled) items; `role` is the split's role (forget/retain/holdout/world_facts/other).
+    `items` are the (sampled) items; `role` is the split's role (forget/retain/holdout/real_authors/
+    world_facts/other).
     """
 
     def __init__(
@@ -130,23 +136,37 @@ class SplitInputs:
         with self._clock.time("likelihood"):
             return self._stats([self._encode(it["question"], it["answer"]) for it in self.items], full=True)
 
+    @property
+    def truth_ratio_base(self) -> str:
+        """The item field the truth ratio sets against the perturbed answers: TOFU's eval config uses the
+        paraphrased answer on forget and retain, the original answer on real authors and world facts."""
+        return "answer" if self.role in ORIGINAL_ANSWER_ROLES else "paraphrased_answer"
+
     @cached_property
     def variants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(paraphrased mean NLL [N], perturbed mean NLL per answer [M], owner item of each [M]), one pass."""
+        """(base answer mean NLL [N], perturbed mean NLL per answer [M], owner item of each [M]), one pass.
+
+        The base answer is `truth_ratio_base` (the paraphrase, or the gold answer already scored in `answer`).
+        """
         self._check_wanted("truth_ratio")
-        missing = [k for k in ("paraphrased_answer", "perturbed_answers") if not all(it.get(k) for it in self.items)]
+        base = self.truth_ratio_base
+        needed = ("perturbed_answers",) if base == "answer" else ("paraphrased_answer", "perturbed_answers")
+        missing = [k for k in needed if not all(it.get(k) for it in self.items)]
         if missing:
             raise MetricSkipped(
                 f"split '{self.name}' has no {' / '.join(missing)} on every item (needed for the truth ratio); "
                 "add those fields to the data to get this metric"
             )
-        self._notify(f"{self.name}: paraphrased and perturbed answers")
+        reuse = base == "answer"  # the gold answer's NLL is already in `answer`
+        base_nll = self.answer.mean_nll if reuse else None
+        self._notify(f"{self.name}: {'perturbed' if reuse else 'paraphrased and perturbed'} answers")
         with self._clock.time("truth_ratio"):
-            examples = [self._encode(it["question"], it["paraphrased_answer"]) for it in self.items]
+            examples = [] if reuse else [self._encode(it["question"], it[base]) for it in self.items]
+            n_base = len(examples)
             owner = np.array([i for i, it in enumerate(self.items) for _ in it["perturbed_answers"]])
             examples += [self._encode(it["question"], a) for it in self.items for a in it["perturbed_answers"]]
             nll = self._stats(examples, full=False).mean_nll
-        return nll[: len(self.items)], nll[len(self.items) :], owner
+        return (base_nll if reuse else nll[:n_base]), nll[n_base:], owner
 
     def perturbed_mean_nll(self) -> np.ndarray:
         """[N] mean over each item's perturbed answers of their mean NLL per token."""

@@ -5,7 +5,8 @@
 - answer probability p(a|q)^(1/|a|) = exp(-mean NLL) over the answer tokens and the closing EOS (as
   TOFU), `exact_memorization` (teacher-forced token accuracy) and `extraction_strength` over the
   answer tokens only (EOS left out, as open-unlearning);
-- TOFU's truth ratio R = P(perturbed) / P(paraphrased) (`truth_ratio_values`) and its split score
+- TOFU's truth ratio R = P(perturbed) / P(true) (`truth_ratio_values`; true = the paraphrased
+  answer on forget / retain, the original one on real authors / world facts) and its split score
   (`truth_ratio_score`);
 - TOFU's forget quality (`forget_quality`: KS-test p-value of forget truth ratios against the
   retain reference) and model utility (`harmonic_mean` of `UTILITY_COMPONENTS`).
@@ -175,14 +176,15 @@ def extraction_strength(correct: np.ndarray, n_tokens: np.ndarray) -> np.ndarray
     return np.where(n_tokens > 0, 1.0 - k_star / np.maximum(n_tokens, 1), np.nan)
 
 
-def truth_ratio_values(paraphrased_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
-    """[N] TOFU truth ratio R = P(perturbed) / P(paraphrased) with length-normalised probabilities.
+def truth_ratio_values(base_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
+    """[N] TOFU truth ratio R = P(perturbed) / P(base) with length-normalised probabilities.
 
-    Both inputs are mean NLLs per token; `perturbed_nll` is already averaged over each item's
-    perturbed answers (a geometric mean of their probabilities, as TOFU's code). R < 1: the
-    model prefers the true (paraphrased) answer.
+    Both inputs are mean NLLs per token. The base answer is the paraphrased one on forget / retain
+    and the original one on real authors / world facts (TOFU's eval config); `perturbed_nll` is
+    already averaged over each item's perturbed answers (a geometric mean of their probabilities,
+    as TOFU's code). R < 1: the model prefers the true answer.
     """
-    return np.exp(paraphrased_nll - perturbed_nll)
+    return np.exp(base_nll - perturbed_nll)
 
 
 def truth_ratio_score(ratios: np.ndarray, role: str) -> float:
@@ -209,8 +211,10 @@ def forget_quality(truth_ratios: np.ndarray, reference_truth_ratios: np.ndarray)
     return float(ks_2samp(ours[~np.isnan(ours)], ref[~np.isnan(ref)]).pvalue)
 
 
-# (split, metric) pairs whose harmonic mean is TOFU's model utility, for the splits present.
+# TOFU's model utility: the harmonic mean of these 9 (split, metric) numbers (aggregate_eval_stat.py).
+# Splits the data lacks are left out and the report notes it (the built-in has no real_authors split: 6).
 UTILITY_COMPONENTS = {
     "retain": ("prob", "rouge_l", "truth_ratio"),
+    "real_authors": ("prob_vs_perturbed", "rouge_l", "truth_ratio"),
     "world_facts": ("prob_vs_perturbed", "rouge_l", "truth_ratio"),
 }

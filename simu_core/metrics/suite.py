@@ -65,9 +65,10 @@ def _extraction_strength(s: SplitInputs) -> np.ndarray:
     "truth_ratio", "truth_ratio", "higher", "higher", aggregate=lambda values, s: truth_ratio_score(values, s.role)
 )
 def _truth_ratio(s: SplitInputs) -> np.ndarray:
-    """R = P(perturbed)/P(paraphrased); split score forget mean(min(R,1/R)), else mean(max(0,1-R))."""
-    paraphrased, _, _ = s.variants
-    return truth_ratio_values(paraphrased, s.perturbed_mean_nll())
+    """R = P(perturbed)/P(true), true = paraphrase (forget, retain) or original answer (real authors, world facts);
+    split score forget mean(min(R,1/R)), else mean(max(0,1-R))."""
+    base, _, _ = s.variants
+    return truth_ratio_values(base, s.perturbed_mean_nll())
 
 
 @example_metric("prob_vs_perturbed", "truth_ratio", "lower", "higher")
@@ -131,10 +132,11 @@ def _forget_quality(ctx: SummaryContext) -> float:
 
 @summary_metric("model_utility", "summary", "higher")
 def _model_utility(ctx: SummaryContext) -> float:
-    """Harmonic mean of Prob, ROUGE-L recall and truth-ratio score on retain and world facts (TOFU)."""
+    """Harmonic mean of Prob, ROUGE-L recall and truth-ratio score on retain, real authors and world facts
+    (TOFU's 9 numbers; splits the data lacks are left out, and the report's notes say which)."""
     present = [split for split in UTILITY_COMPONENTS if split in ctx.splits]
     if not present:
-        raise MetricSkipped("needs a 'retain' or 'world_facts' split")
+        raise MetricSkipped(f"needs at least one of the splits {', '.join(UTILITY_COMPONENTS)}")
     parts = {}
     for split in present:
         for metric in UTILITY_COMPONENTS[split]:
@@ -142,8 +144,12 @@ def _model_utility(ctx: SummaryContext) -> float:
                 parts[f"{split}/{metric}"] = ctx.split_summary(split, metric)
             except MetricSkipped as skip:
                 raise MetricSkipped(f"component {split}/{metric} is missing: {skip}") from skip
-    if len(present) < len(UTILITY_COMPONENTS):
-        ctx.notes["model_utility"] = f"computed from {', '.join(parts)} only"
+    total = sum(len(metrics) for metrics in UTILITY_COMPONENTS.values())
+    if len(parts) < total:
+        absent = [split for split in UTILITY_COMPONENTS if split not in present]
+        ctx.notes["model_utility"] = (
+            f"{len(parts)} of TOFU's {total} components (no {' / '.join(absent)} split): {', '.join(parts)}"
+        )
     return harmonic_mean(list(parts.values()))
 
 
