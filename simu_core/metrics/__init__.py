@@ -9,8 +9,10 @@ the deltas; `simu_core.report` renders them as a self-contained HTML page, and
 
 Metric families (definitions: /work/shared/references.md section 5, TOFU / MUSE / Min-K% /
 Min-K%++ / LUME):
-- generation (`text`): greedy answers, ROUGE-L recall (rouge_score's tokens with its Porter stemmer,
-  as TOFU / MUSE; LCS computed here), exact match (stripped, lower-cased, as LUME);
+- generation (`text`, `simu_core.answers`): greedy answers (stopping at a newline for completion-style
+  prompt formats), ROUGE-L recall (rouge_score's tokens with its Porter stemmer, as TOFU / MUSE; LCS
+  computed here), exact match (the answer's first sentence(s), normalised; or LUME's whole-answer
+  rule) and the answer-contained rate;
 - likelihood (`likelihood`): length-normalised answer probability p(a|q)^(1/|a|) (answer + EOS),
   exact memorisation (teacher-forced token accuracy) and extraction strength (answer tokens only);
 - truth_ratio (`likelihood`): TOFU's R = P(perturbed) / P(true answer) (the paraphrase on forget /

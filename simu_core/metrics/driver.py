@@ -27,6 +27,7 @@ from simu_core.metrics.registry import EXAMPLE_METRICS, SUMMARY_METRICS
 from simu_core.metrics.results import Report, SplitResult
 
 ROLES = ("forget", "retain", "holdout", "real_authors", "world_facts")
+EXACT_MATCH_RULES = ("first_answer", "whole")  # EvalConfig.exact_match
 
 Progress = Callable[[str, float], None]
 
@@ -152,6 +153,8 @@ def _check_inputs(loaded, datasets: dict[str, qa.QADataset], reference, cfg: Eva
     unknown = [m for m in cfg.metrics or [] if m not in EXAMPLE_METRICS and m not in SUMMARY_METRICS]
     if unknown:
         raise SimuError(f"unknown metric(s) {unknown}. Choose from: {', '.join([*EXAMPLE_METRICS, *SUMMARY_METRICS])}.")
+    if cfg.exact_match not in EXACT_MATCH_RULES:
+        raise SimuError(f"unknown exact match rule '{cfg.exact_match}'. Choose one of: {', '.join(EXACT_MATCH_RULES)}.")
     for attack in (cfg.privleak_attack, cfg.mia_score_attack):
         if attack not in MIA_ATTACKS:
             raise SimuError(f"unknown membership attack '{attack}'. Choose one of: {', '.join(MIA_ATTACKS)}.")

@@ -37,6 +37,10 @@ class EvalConfig:
     repetition_n: int = 2  # n-gram size of the repetition rate
     # ROUGE-L with the Porter stemmer, as TOFU and MUSE (rouge_score use_stemmer=True); False: without
     rouge_stemmer: bool = True
+    # exact match rule: "first_answer" = the greedy answer's first sentence(s) equal the gold answer once
+    # normalised (answers.answer_matches: free-form models go on after the answer); "whole" = the whole
+    # greedy answer equals it, stripped and lower-cased (LUME)
+    exact_match: str = "first_answer"
     max_length: int = 512  # tokens per prompt + answer (longer answers are truncated)
     # inputs not computed per split: holdout only serves membership inference (and costs time)
     skip_inputs: dict[str, list[str]] = field(default_factory=lambda: {"holdout": ["generation", "truth_ratio"]})

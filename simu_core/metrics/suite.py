@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from simu_core.answers import answer_contained, answer_matches
 from simu_core.metrics.inputs import MetricSkipped, SplitInputs, SummaryContext
 from simu_core.metrics.likelihood import (
     UTILITY_COMPONENTS,
@@ -39,8 +40,17 @@ def _rouge_l(s: SplitInputs) -> np.ndarray:
 
 @example_metric("exact_match", "generation", "lower", "higher")
 def _exact_match(s: SplitInputs) -> np.ndarray:
-    """1 if the greedy answer equals the gold answer (stripped, lower-cased), else 0."""
-    return np.array([float(same_answer(g, it["answer"])) for g, it in zip(s.generations, s.items, strict=True)])
+    """1 if the greedy answer gives the gold answer: its first sentence(s), normalised, equal the normalised
+    gold answer (EvalConfig.exact_match "first_answer"), or the whole answer does, stripped and lower-cased
+    ("whole", LUME's rule); else 0."""
+    match = answer_matches if s.cfg.exact_match == "first_answer" else same_answer
+    return np.array([float(match(g, it["answer"])) for g, it in zip(s.generations, s.items, strict=True)])
+
+
+@example_metric("answer_contained", "generation", "lower", "higher")
+def _answer_contained(s: SplitInputs) -> np.ndarray:
+    """1 if the normalised gold answer occurs, as whole words, anywhere in the normalised greedy answer, else 0."""
+    return np.array([float(answer_contained(g, it["answer"])) for g, it in zip(s.generations, s.items, strict=True)])
 
 
 @example_metric("prob", "likelihood", "lower", "higher")
