@@ -502,6 +502,13 @@ def test_reference_with_another_tokenizer_is_refused(full_model, splits):
         metrics.evaluate(full_model, {"forget": splits["forget"]}, reference)
 
 
+def test_reference_report_of_an_older_metrics_format_is_refused(full_model, full_report, splits):
+    old = copy.deepcopy(full_report)
+    old.format = metrics.REPORT_FORMAT - 1
+    with pytest.raises(SimuError, match="re-evaluate the reference"):
+        metrics.evaluate(full_model, splits, old, SMALL)
+
+
 def test_unknown_metric_name_is_refused_with_the_choices(full_model, splits):
     with pytest.raises(SimuError, match="rouge_l"):
         metrics.evaluate(full_model, splits, config=metrics.EvalConfig(metrics=["rouge"]))

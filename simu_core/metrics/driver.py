@@ -24,7 +24,7 @@ from simu_core.errors import SimuError
 from simu_core.metrics.inputs import Clock, EvalConfig, MetricSkipped, SplitInputs, SummaryContext
 from simu_core.metrics.mia import MIA_ATTACKS
 from simu_core.metrics.registry import EXAMPLE_METRICS, SUMMARY_METRICS
-from simu_core.metrics.results import Report, SplitResult
+from simu_core.metrics.results import REPORT_FORMAT, Report, SplitResult
 
 ROLES = ("forget", "retain", "holdout", "real_authors", "world_facts")
 EXACT_MATCH_RULES = ("first_answer", "whole")  # EvalConfig.exact_match
@@ -158,6 +158,11 @@ def _check_inputs(loaded, datasets: dict[str, qa.QADataset], reference, cfg: Eva
     for attack in (cfg.privleak_attack, cfg.mia_score_attack):
         if attack not in MIA_ATTACKS:
             raise SimuError(f"unknown membership attack '{attack}'. Choose one of: {', '.join(MIA_ATTACKS)}.")
+    if isinstance(reference, Report) and reference.format != REPORT_FORMAT:
+        raise SimuError(
+            f"the reference report was written with metrics format {reference.format} (now {REPORT_FORMAT}: "
+            "the definitions changed since), so its values do not compare; re-evaluate the reference model"
+        )
     is_model = reference is not None and not isinstance(reference, Report)
     if is_model and not same_tokenizer(loaded.tokenizer, reference.tokenizer):
         raise SimuError(
