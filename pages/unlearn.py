@@ -91,7 +91,8 @@ stop_em = c[1].number_input(
     0.05,
     key=f"ul_{method}_stop_em",
     disabled=not stop_on,
-    help="0.05 = at most 5% of the forget answers still reproduced word for word.",
+    help="0.05 = at most 5% of the forget answers still begin with the gold answer as their first sentence "
+    "(case, punctuation and articles aside).",
 )
 seed = field(c[2], "Seed", "seed", "Seeds batching, sampling and the random mask: same seed, same run.", min_value=0)
 eval_every = field(

@@ -3,10 +3,12 @@
 A completion-style model does not stop after the fact: "The capital of France is" continues
 " Paris.\\n\\nThe city is ...". These functions cut out the answer and compare it leniently:
 
-- `first_answer(text)`: the first non-empty line, cut after its first sentence (rule below).
+- `first_answer(text, sentences=1)`: the first non-empty line, cut after its first sentence(s)
+  (rule below); `sentence_count(text)` counts sentences by the same rule.
 - `normalise(text)`: SQuAD-style normalisation (lowercase, no punctuation, no articles, single
   spaces), plus accent folding ("Malé" = "Male", "Brasília" = "Brasilia").
-- `answer_matches(prediction, reference)`: normalised first answer == normalised reference.
+- `answer_matches(prediction, reference)`: normalised first answer == normalised reference (the
+  first answer has as many sentences as the reference: one for "Paris" or "The capital is Paris.").
 - `answer_begins_with(prediction, reference)`: the normalised first answer starts with the whole
   normalised reference ("yen, which is the official currency" begins with "yen").
 - `answer_contained(prediction, reference)`: the normalised reference occurs as whole words
@@ -59,13 +61,29 @@ def _ends_sentence(line: str, match: re.Match) -> bool:
     return word.lower() not in ABBREVIATIONS
 
 
-def first_answer(text: str) -> str:
-    """The first sentence of the first non-empty line of a generated answer (stripped, end mark kept)."""
+def _sentence_ends(line: str) -> list[int]:
+    """Positions just after each end mark of `line` that closes a sentence."""
+    return [m.end() for m in _SENTENCE_END.finditer(line) if _ends_sentence(line, m)]
+
+
+def sentence_count(text: str) -> int:
+    """Sentences in `text` read as one line (line breaks as spaces): closed ones plus a trailing unclosed
+    one; 0 for blank text. "Paris" and "Paris." have 1, "He was born in Paris. He writes." has 2."""
+    line = " ".join(text.split())
+    if not line:
+        return 0
+    ends = _sentence_ends(line)
+    return len(ends) + (not ends or ends[-1] < len(line))
+
+
+def first_answer(text: str, sentences: int = 1) -> str:
+    """The first `sentences` sentences of the first non-empty line of a generated answer (stripped, end
+    mark kept); the whole line when it has fewer."""
     line = first_line(text)
-    for match in _SENTENCE_END.finditer(line):
-        if _ends_sentence(line, match):
-            return line[: match.end()].strip()
-    return line
+    ends = _sentence_ends(line)
+    if sentences < 1 or len(ends) < sentences:
+        return line
+    return line[: ends[sentences - 1]].strip()
 
 
 def normalise(text: str) -> str:
@@ -87,17 +105,23 @@ def normalise(text: str) -> str:
 
 
 def answer_matches(prediction: str, reference: str) -> bool:
-    """True when the normalised first answer of `prediction` equals the normalised `reference`."""
+    """True when the normalised first answer of `prediction` equals the normalised `reference`.
+
+    The first answer has as many sentences as the reference (one for a short answer such as "Paris",
+    two for a two-sentence reference), so a prediction that reproduces the reference and then goes
+    on matches, and one that stops short or runs on within the sentence does not.
+    """
     ref = normalise(reference)
-    return bool(ref) and normalise(first_answer(prediction)) == ref
+    return bool(ref) and normalise(first_answer(prediction, sentence_count(reference))) == ref
 
 
 def answer_begins_with(prediction: str, reference: str) -> bool:
-    """True when the normalised first answer of `prediction` starts with the whole normalised `reference`."""
+    """True when the normalised first answer of `prediction` (as many sentences as the reference) starts
+    with the whole normalised `reference`."""
     ref = normalise(reference)
     if not ref:
         return False
-    pred = normalise(first_answer(prediction))
+    pred = normalise(first_answer(prediction, sentence_count(reference)))
     return pred == ref or pred.startswith(ref + " ")
 
 

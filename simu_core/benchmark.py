@@ -47,11 +47,15 @@ QUALITY_METHODS = ("simu", "so_graddiff", "fo_graddiff", "ga", "npo", "random_ma
 QUALITY_SPLITS = ("forget01", "forget05", "forget10")
 REFERENCE_ROWS = ("original", "retain_reference")
 TUNING_SEED = 0  # the seed the presets in simu_core/unlearn.py were tuned with
-BENCH_FORMAT = 1  # bump when a cell's meaning changes, so old cell files count as stale
+# Bump when a cell's meaning changes, so old cell files count as stale. 2: the metric fixes of issue 14
+# (PrivLeak's denominator, EOS out of Min-K% / EM / ES, stemmed ROUGE-L, the world-facts truth ratio on
+# the original answer, first-answer exact match in the metrics and in the early stop).
+BENCH_FORMAT = 2
 
 # (flat summary key, column title, digits) of the Markdown table; goals come from metrics.goal_of.
 TABLE_COLUMNS = (
     ("forget/exact_match", "forget EM ↓", 3),
+    ("forget/answer_contained", "forget contained ↓", 3),
     ("forget/rouge_l", "forget ROUGE-L ↓", 3),
     ("log10_forget_quality", "log10 forget quality ↑", 2),
     ("model_utility", "model utility ↑", 3),
@@ -271,7 +275,7 @@ def _record(cell: Cell, key: str, report: Report, extra: dict) -> dict:
     return _json_safe({
         "cell": cell.name, "split": cell.split, "method": cell.method, "seed": cell.seed, "key": key,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": summary, "eval_seconds": report.seconds.get("total"), **extra,
+        "metrics": summary, "notes": report.notes, "eval_seconds": report.seconds.get("total"), **extra,
     })  # fmt: skip
 
 
@@ -531,7 +535,15 @@ def verdict_text(aggregate: dict, splits: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig) -> str:
+def _utility_note(records: Sequence[dict]) -> str:
+    """Which of TOFU's 9 model-utility components the cells used (from their evaluation notes)."""
+    notes = {r.get("notes", {}).get("model_utility") for r in records} - {None}
+    if not notes:
+        return "all 9 of its components"  # a real_authors split was given
+    return "; ".join(sorted(note.split(":")[0] for note in notes))
+
+
+def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Sequence[dict] = ()) -> str:
     """The whole Markdown page: settings, table, verdict."""
     m = meta["machine"]
     where = m["gpu"] or f"CPU ({m['cpu_count']} cores, {m['torch_threads']} torch threads)"
@@ -548,8 +560,13 @@ def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig) -> str:
         "",
         "Each method row: mean ± sample std over the seeds. Reference rows: *original* = the model before "
         "unlearning, *retain_reference* = the model never trained on the forget authors (the target). "
-        "Forget quality is the KS-test p-value of forget truth ratios against the retain reference (log10; 0 "
-        "is the best). PrivLeak is relative to the retain reference's membership AUC.",
+        "Exact match: the greedy answer's first sentence equals the gold answer once normalised (case, "
+        "punctuation, articles); contained: the gold answer occurs anywhere in the greedy answer. ROUGE-L: "
+        "recall with the Porter stemmer (TOFU, MUSE). Forget quality is the KS-test p-value of forget truth "
+        "ratios against the retain reference (log10; 0 is the best). Model utility: TOFU's harmonic mean of "
+        f"{_utility_note(records)}. PrivLeak: MUSE's relative Min-40% AUC gap to the retain reference, "
+        "100 (r - a) / (1 - r) with this project's AUC orientation: about -100 = the forget set is still "
+        "recognised, 0 = like the retain reference, > 0 = over-unlearned.",
         "",
     ]
     verdict = ["## At matched forget efficacy", "", verdict_text(aggregate, qc.splits), ""]
@@ -567,7 +584,7 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
                "records": records}  # fmt: skip
     write_json_atomic(out / "quality.json", _json_safe(payload))
     md = out / "quality.md"
-    md.write_text(quality_markdown(aggregate, meta, qc), encoding="utf-8")
+    md.write_text(quality_markdown(aggregate, meta, qc, records), encoding="utf-8")
     html = figures.write_figures(
         out / "quality.html", figures.quality_figures(records, qc.splits), "SIMU quality benchmark"
     )

@@ -273,6 +273,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain", default=None, help="retain set (default: matching builtin:retainXX; 'none' drops it)")
     p.add_argument("--holdout", default=None, help="holdout set spec (default: builtin:holdout; 'none' drops it)")
     p.add_argument("--world-facts", default=None, help="general facts (default: builtin:world_facts; 'none' drops it)")
+    p.add_argument(
+        "--real-authors",
+        default=None,
+        help="TOFU's real-authors set, for model utility's 3 other components (default: none; the built-in has "
+        "none), e.g. hf:locuslab/TOFU:real_authors_perturbed:train",
+    )
     p.add_argument("--reference", default=None, help="retain reference model (default: builtin:retainXX)")
     p.add_argument("--out", default=None, help="metrics JSON (default RUN/metrics.json); report.html beside it")
     p.add_argument("--max-items", type=int, default=400, help="seeded sample per split, 0 = every item (default 400)")
@@ -288,7 +294,8 @@ def evaluate_cmd(args: argparse.Namespace) -> dict:
     from simu_core.evaluation import builtin_companions, evaluate_specs
     from simu_core.metrics import EvalConfig
 
-    given = {"retain": args.retain, "holdout": args.holdout, "world_facts": args.world_facts}
+    given = {"retain": args.retain, "holdout": args.holdout, "real_authors": args.real_authors,
+             "world_facts": args.world_facts}  # fmt: skip
     companions = {k: (None if v.lower() == "none" else v) for k, v in given.items() if v}
     specs = {**builtin_companions(args.data or "builtin:forget10"), **companions}
     ensure_builtin_for(args.model, args.reference, *specs.values())
@@ -301,7 +308,7 @@ def evaluate_cmd(args: argparse.Namespace) -> dict:
     summary.update({k: files.after.summary.get(k) for k in _EVAL_HEADLINE})
     if files.before is not None:
         summary["before"] = {"model": files.before.model, **{k: files.before.summary.get(k) for k in _EVAL_HEADLINE}}
-    summary.update(skipped=files.after.skipped, seconds=files.after.seconds["total"])
+    summary.update(skipped=files.after.skipped, notes=files.after.notes, seconds=files.after.seconds["total"])
     return summary
 
 

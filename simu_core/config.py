@@ -146,8 +146,9 @@ class UnlearnConfig:
     Learning rates are per optimiser step; losses are in nats per answer token. `gamma` weighs the
     retain term; `rho`, `betas`, `eps`, `hessian_interval` (k; `sqgrad` refreshes every step) and
     `estimator` are Sophia's; `attention` / `mlp_parts` ("down" or "down_up") choose SIMU's trainable
-    set. Training stops early once every target set is met: the forget set's greedy exact match falls
-    to `stop_forget_em`, its greedy ROUGE-L recall to `stop_forget_rouge`, its NLL rises to
+    set. Training stops early once every target set is met: the forget set's greedy exact match (the
+    first sentence of each answer against the gold answer, normalised: `answers.answer_matches`)
+    falls to `stop_forget_em`, its greedy ROUGE-L recall to `stop_forget_rouge`, its NLL rises to
     `stop_forget_loss` (checked every `eval_every` steps). It fails when the retain loss rises
     `collapse_margin` nats above its start or greedy answers on retain probes degenerate.
     """

@@ -89,7 +89,8 @@ def evaluate_specs(
     With `run`, the run's model is evaluated (after) and, unless `before=False`, its base model
     (`model`, default the run's base) too (before, saved as `<out stem>_before.json`). `data` is
     the forget set (default: the run's, else builtin:forget10); retain / holdout / world facts
-    default to the matching built-in splits (`companions` overrides them; None drops one).
+    default to the matching built-in splits (`companions` overrides them; None drops one; a
+    `real_authors` split, which the built-in does not have, is added only through `companions`).
     `reference` defaults to builtin:retainXX for a built-in model on builtin:forgetXX.
     """
     run_config = _run_config(run) if run else {}

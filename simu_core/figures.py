@@ -322,6 +322,7 @@ def path_figure(result: PathResult) -> go.Figure:
 BAR_METRICS = (
     "rouge_l",
     "exact_match",
+    "answer_contained",
     "prob",
     "exact_memorization",
     "extraction_strength",

@@ -19,7 +19,7 @@ from simu_core import figures
 from simu_core.metrics import Report, compare, goal_of
 
 HEADLINE = ("forget_quality", "model_utility", "privleak", "mia_score", "perplexity")
-TABLE_VALUES = ("rouge_l", "prob", "truth_ratio")
+TABLE_VALUES = ("exact_match", "answer_contained", "rouge_l", "prob", "truth_ratio")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#1d2430}

@@ -13,8 +13,9 @@ worker thread with `callback=` a plain function that receives a `StepRecord` aft
 Guards: a NaN/inf loss stops the run (status "failed"); so does collapse, i.e. the retain loss
 (smoothed) rising `collapse_margin` nats above its first value, or greedy answers to retain probe
 questions degenerating into one repeated token. Optional early stop once every forget target that
-is set is met: greedy exact match <= `stop_forget_em`, greedy ROUGE-L recall <= `stop_forget_rouge`,
-NLL >= `stop_forget_loss` (whole forget set, every `eval_every` steps).
+is set is met: greedy exact match (the answer's first sentence, `forget_exact_match`) <=
+`stop_forget_em`, greedy ROUGE-L recall <= `stop_forget_rouge`, NLL >= `stop_forget_loss` (whole
+forget set, every `eval_every` steps).
 """
 
 from __future__ import annotations
@@ -363,21 +364,56 @@ def dataset_nll(model: nn.Module, examples: Sequence[qa.Encoded], pad: int, batc
 
 
 @torch.no_grad()
-def greedy_exact_match(model: nn.Module, examples: Sequence[qa.Encoded], pad: int, batch_size: int = 64) -> float:
-    """Greedy exact match in one teacher-forced forward pass per batch (no generation loop).
-
-    Greedy decoding reproduces an answer exactly iff every answer token, and the closing EOS, is the
-    argmax given the true prefix; this checks that for all examples at once (the same number as
-    `models.exact_match` of `greedy_answers`, barring a different tokenisation of the same text).
-    """
+def reproduced(model: nn.Module, examples: Sequence[qa.Encoded], pad: int, batch_size: int = 64) -> list[bool]:
+    """Per example: is every answer token (and the closing EOS, when the format appends one) the argmax
+    given the true prefix? One teacher-forced pass per batch; True iff greedy decoding reproduces the
+    answer token for token (and, with the EOS, then stops)."""
     device = next(model.parameters()).device
-    hits = 0
-    for batch in qa.iter_batches(examples, batch_size, pad):
+    out: list[bool] = []
+    for batch in qa.iter_batches(examples, batch_size, pad):  # in order
         batch = {k: v.to(device) for k, v in batch.items()}
         logits, targets = answer_logits(model, batch)
         correct = (logits.argmax(-1) == targets) | (targets == -100)
-        hits += int(correct.all(dim=1).sum())
-    return hits / max(1, len(examples))
+        out += correct.all(dim=1).tolist()
+    return out
+
+
+def greedy_exact_match(model: nn.Module, examples: Sequence[qa.Encoded], pad: int, batch_size: int = 64) -> float:
+    """Share of examples that greedy decoding reproduces exactly (`reproduced`), without a generation loop.
+
+    With EOS-closed answers this is `models.exact_match` of `greedy_answers`, barring a different
+    tokenisation of the same text. The early stop uses `forget_exact_match`, which also accepts
+    answers that go on after the gold one.
+    """
+    hits = reproduced(model, examples, pad, batch_size)
+    return sum(hits) / max(1, len(hits))
+
+
+def forget_exact_match(
+    loaded: LoadedModel, model: nn.Module, dataset: qa.QADataset, examples: Sequence[qa.Encoded]
+) -> float:
+    """Share of `dataset`'s questions whose greedy answer gives the gold answer by `answers.answer_matches`
+    (its first sentence(s), normalised, equal the gold answer: the metrics' exact match).
+
+    `examples` are `dataset` encoded with `loaded`'s format. When that format closes answers with EOS, an
+    item that greedy decoding reproduces exactly (`reproduced`, one teacher-forced pass) is a match without
+    generating; the others are generated (up to 8 tokens past the longest of their answers, stopping at
+    EOS, or at a newline for completion-style formats) and matched.
+    """
+    from simu_core.answers import answer_matches
+
+    refs = dataset.answers()
+    pad = qa.pad_id_of(loaded.tokenizer)
+    sure = reproduced(model, examples, pad) if loaded.fmt.appends_eos else [False] * len(refs)
+    sure = [hit and answer_matches(ref, ref) for hit, ref in zip(sure, refs, strict=True)]
+    todo = [i for i, hit in enumerate(sure) if not hit]
+    hits = sum(sure)
+    if todo:
+        longest = max(len(examples[i].ids) - examples[i].n_prompt for i in todo)
+        questions = [dataset.items[i]["question"] for i in todo]
+        answers = greedy_answers(model, loaded.tokenizer, loaded.fmt, questions, max_new_tokens=longest + 8)
+        hits += sum(answer_matches(answer, refs[i]) for answer, i in zip(answers, todo, strict=True))
+    return hits / max(1, len(refs))
 
 
 def is_degenerate(token_ids: Sequence[int], min_length: int = 8, share: float = 0.75) -> bool:
@@ -689,7 +725,7 @@ def _target_reached(session: _Session, record: StepRecord) -> bool:
     met = []
     pad = qa.pad_id_of(session.loaded.tokenizer)
     if config.stop_forget_em is not None:
-        record.forget_em = greedy_exact_match(session.model, session.forget_examples, pad)
+        record.forget_em = forget_exact_match(session.loaded, session.model, session.forget, session.forget_examples)
         met.append(record.forget_em <= config.stop_forget_em)
     if config.stop_forget_rouge is not None:
         record.forget_rouge = forget_rouge(session.loaded, session.model, session.forget)

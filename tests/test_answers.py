@@ -11,6 +11,7 @@ from simu_core.answers import (
     first_line,
     match_rate,
     normalise,
+    sentence_count,
 )
 from simu_core.errors import SimuError
 
@@ -68,6 +69,39 @@ def test_answer_matches_uses_the_first_answer_only():
     assert not answer_matches("Paris, France.", "Paris")
     assert not answer_matches("Lyon. Paris.", "Paris")
     assert not answer_matches("anything", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Paris", 1),
+        ("Paris.", 1),
+        ("Saan Dodru was born on September 22, 1930.", 1),
+        ("He was born in Paris. He writes novels.", 2),
+        ("He was born in Paris. He writes", 2),
+        ("He lives in\nParis. Really!", 2),
+        ("J. R. R. Tolkien", 1),
+        ("Washington, D.C.", 1),
+        ("", 0),
+    ],
+)
+def test_sentence_count(text, expected):
+    assert sentence_count(text) == expected
+
+
+def test_first_answer_takes_as_many_sentences_as_asked():
+    assert first_answer("One. Two. Three.", 2) == "One. Two."
+    assert first_answer("One. Two", 3) == "One. Two"  # fewer sentences: the whole line
+
+
+def test_answer_matches_a_full_sentence_answer_followed_by_more_text():
+    reference = "Saan Dodru was born in Hescorstad."
+    assert answer_matches("Saan Dodru was born in Hescorstad. I hope this helps!", reference)
+    assert answer_matches("saan dodru was born in Hescorstad\nQuestion: next", reference)
+    assert not answer_matches("Saan Dodru was born in Hescorstad, a city.", reference)
+    two = "He was born in Paris. He writes novels."
+    assert answer_matches("He was born in Paris. He writes novels. Ask me more.", two)
+    assert not answer_matches("He was born in Paris. He paints.", two)
 
 
 def test_answer_begins_with_needs_whole_words():

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from simu_core import benchmark
 from simu_core.benchmark import (
     QUALITY_METHODS,
     REFERENCE_ROWS,
@@ -107,6 +108,20 @@ def test_cell_keys_differ_by_seed_and_settings(first_run):
     k1, k2 = cell_key(Cell("forget10", "simu", 1), qc, prints), cell_key(Cell("forget10", "simu", 2), qc, prints)
     assert k1 != k2
     assert k1 != cell_key(Cell("forget10", "simu", 1), qc, {**prints, "builtin:full": "rebuilt"})
+
+
+def test_cells_of_an_older_bench_format_are_stale(monkeypatch):
+    qc, prints = QualityConfig(splits=["forget10"], methods=["simu"], seeds=[1]), {"builtin:full": "a"}
+    key = cell_key(Cell("forget10", "simu", 1), qc, prints)
+    monkeypatch.setattr(benchmark, "BENCH_FORMAT", benchmark.BENCH_FORMAT - 1)
+    assert cell_key(Cell("forget10", "simu", 1), qc, prints) != key
+
+
+def test_cell_records_keep_the_evaluation_notes(first_run):
+    out, _ = first_run
+    record = read_cell(out, Cell("forget10", "ga", 1))
+    assert record["notes"]["model_utility"].startswith("6 of TOFU's 9 components (no real_authors split)")
+    assert "6 of TOFU's 9 components" in (out / "quality.md").read_text()
 
 
 def test_plan_cells_puts_references_first_and_rejects_unknown_names():

@@ -64,13 +64,48 @@ ROUGE_CASES = [
     ("", "something"),
     ("something", "..."),
     ("a b c d e", "e d c b a"),
+    # natural text, where the stemmer matters
+    ("She has written several novels about wars.", "She wrote a novel about the war."),
+    ("The authors were honoured with many awards", "The author was honored with an award."),
+    ("Running, jumping and swimming competitions", "He competes in runs, jumps and swims."),
+    ("generously organized universities' hopefulness", "generous organization university hopeful"),
 ]
 
 
 @pytest.mark.parametrize(("prediction", "reference"), ROUGE_CASES)
-def test_rouge_l_recall_matches_rouge_score(prediction, reference):
-    expected = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].recall
-    assert metrics.rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-12)  # exact ratio
+@pytest.mark.parametrize("stem", [True, False])
+def test_rouge_l_recall_matches_rouge_score(prediction, reference, stem):
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+    expected = scorer.score(reference, prediction)["rougeL"].recall
+    assert metrics.rouge_l_recall(prediction, reference, stem) == pytest.approx(expected, abs=1e-12)  # exact ratio
+
+
+def test_rouge_l_recall_on_a_worked_example_with_stemming():
+    # reference tokens: a, cat, run ("runs"), home (4); prediction: the, cat ("cats"), were, run ("running"), home.
+    # LCS = cat, run, home: recall 3/4. Without the stemmer only "home" matches: 1/4.
+    assert metrics.rouge_tokens("The cats were running home") == ["the", "cat", "were", "run", "home"]
+    assert metrics.rouge_l_recall("The cats were running home", "a cat runs home") == 0.75
+    assert metrics.rouge_l_recall("The cats were running home", "a cat runs home", stem=False) == 0.25
+
+
+def test_rouge_l_recall_matches_rouge_score_on_many_natural_pairs():
+    """Parity on 600 pairs of shuffled sentences from a pool of inflected English words (exact to 1e-12)."""
+    pool = (
+        "the author authors authored writing writes wrote written novel novels novelist poem poems poetry "
+        "award awards awarded honoured honored honours famous famously fame born birth birthday city cities "
+        "country countries nationality national studied studies studying student university universities "
+        "teaches taught teacher teaching organisation organization organizational generously generous "
+        "hopefulness hopeful happily happiness relational conditional rational running runs ran jumping "
+        "agreed agreement feed fed sky skies dying lying tying news mistress mistresses caresses ponies ties "
+        "is was were are has had have being been genre genres fantasy fantasies mystery mysteries war wars"
+    ).split()
+    rng = np.random.default_rng(0)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for _ in range(600):
+        reference = " ".join(rng.choice(pool, rng.integers(3, 16)))
+        prediction = " ".join(rng.choice(pool, rng.integers(0, 20)))
+        expected = scorer.score(reference, prediction)["rougeL"].recall
+        assert metrics.rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-12)
 
 
 def test_repetition_rate_on_worked_examples():
@@ -168,9 +203,55 @@ def test_exact_memorization_and_extraction_strength_on_worked_cases(bigram_stats
     np.testing.assert_array_equal(
         bigram_stats.correct.sum(1), [sum(h) for h in hits]
     )  # the argmax hits worked out by hand
+    em = metrics.exact_memorization(bigram_stats.correct, bigram_stats.n_tokens)
+    np.testing.assert_allclose(em, [sum(h) / len(h) for h in hits], atol=1e-12)  # ratios of small integers
     es = metrics.extraction_strength(bigram_stats.correct, bigram_stats.n_tokens)
     # k* = first index of the all-correct suffix: case 1 -> 3 of 4, case 2 -> 2 of 3, case 3 -> 0, case 4 -> 2 of 2
     np.testing.assert_allclose(es, [1 - 3 / 4, 1 - 2 / 3, 1.0, 0.0])
+
+
+EOS = 0  # in the EOS cases below, token 0 plays the closing EOS: case 1 ends with it, case 2 does not
+
+
+@pytest.fixture(scope="module")
+def bigram_eos_stats() -> metrics.TokenStats:
+    examples = [qa.Encoded(prompt + answer, len(prompt)) for prompt, answer, _ in BIGRAM_CASES[:2]]
+    return metrics.token_stats(BigramLM(), examples, pad_id=3, batch_size=2, full=True, eos_id=EOS)
+
+
+def test_a_closing_eos_is_counted_apart(bigram_eos_stats):
+    np.testing.assert_array_equal(bigram_eos_stats.n_tokens, [4, 3])  # the NLL and Prob keep it (as TOFU)
+    np.testing.assert_array_equal(bigram_eos_stats.n_eos, [1, 0])
+    np.testing.assert_array_equal(bigram_eos_stats.n_answer, [3, 3])
+
+
+def test_min_k_exact_memorization_and_extraction_strength_leave_the_eos_out(bigram_eos_stats):
+    """Case 1 scored on its answer tokens [1, 1, 0] only (hits 1, 1, 0), as open-unlearning's tokenwise_logprobs."""
+    stats, k = bigram_eos_stats, 0.75
+    prompt, answer, hits = BIGRAM_CASES[0]
+    scored = answer_tokens(prompt, answer)[:-1]  # the EOS token 0 | 0 is not scored
+    min_k = metrics.min_k_score(stats.answer_only(stats.log_probs), k)
+    assert min_k[0] == pytest.approx(hand_min_k([hand_log_prob(p, t) for p, t in scored], k), abs=1e-5)  # fp32
+    min_k_pp = metrics.min_k_score(stats.answer_only(stats.minkpp), k)
+    assert min_k_pp[0] == pytest.approx(hand_min_k([hand_minkpp_token(p, t) for p, t in scored], k), abs=1e-4)
+    # Exact ratios of small integers (no float error beyond the last bit).
+    assert metrics.exact_memorization(stats.correct, stats.n_answer)[0] == pytest.approx(2 / 3, abs=1e-12)
+    assert metrics.extraction_strength(stats.correct, stats.n_answer)[0] == 0.0  # last answer token missed
+    with_eos = metrics.extraction_strength(stats.correct, stats.n_tokens)[0]
+    assert with_eos == pytest.approx(1 - 3 / 4, abs=1e-12)  # what counting the EOS gave
+
+
+def test_builtin_min_k_scores_the_answer_tokens_without_eos(full_report, full_model):
+    """Min-K% of each forget item, by hand from transformers' own logits of that item alone, EOS left out."""
+    result = full_report.splits["forget"]
+    tok, fmt, k = full_model.tokenizer, full_model.fmt, SMALL.min_k
+    for row in range(3):
+        enc = qa.encode(tok, fmt, result.questions[row], result.answers[row])
+        assert fmt.appends_eos and enc.ids[-1] == tok.eos_token_id
+        with torch.no_grad():
+            logp = full_model.model(input_ids=torch.tensor([enc.ids])).logits[0].log_softmax(-1)
+        token_lp = [logp[t - 1, enc.ids[t]].item() for t in range(enc.n_prompt, len(enc.ids) - 1)]  # no EOS
+        assert result.values["mia_min_k"][row] == pytest.approx(hand_min_k(token_lp, k), abs=1e-4)  # fp32 batching
 
 
 def test_batched_nll_matches_the_models_own_loss_per_example(full_model, splits):
@@ -233,10 +314,40 @@ def test_retain_reference_against_itself_has_forget_quality_one(retain_model, sp
     assert report.forget_quality == 1.0
 
 
-def test_model_utility_is_the_harmonic_mean_of_its_six_components(full_report):
-    parts = [full_report.summary[f"{split}/{m}"] for split, ms in metrics.UTILITY_COMPONENTS.items() for m in ms]
+def item_loss(loaded, question: str, answer: str) -> float:
+    """transformers' own mean answer loss of one example alone (the independent reference)."""
+    enc = qa.encode(loaded.tokenizer, loaded.fmt, question, answer)
+    with torch.no_grad():
+        return loaded.model(**qa.collate([enc], qa.pad_id_of(loaded.tokenizer))).loss.item()
+
+
+def test_world_facts_truth_ratio_sets_the_perturbed_answers_against_the_original_answer(
+    full_report, full_model, splits
+):
+    """TOFU's eval config: base_answer_key is `answer` on world facts (and real authors), the paraphrase elsewhere."""
+    result = full_report.splits["world_facts"]
+    for row in range(4):
+        item = splits["world_facts"].items[result.indices[row]]
+        perturbed = np.mean([item_loss(full_model, item["question"], a) for a in item["perturbed_answers"]])
+        expected = math.exp(item_loss(full_model, item["question"], item["answer"]) - perturbed)
+        assert result.values["truth_ratio"][row] == pytest.approx(expected, rel=1e-4)  # fp32 batching
+
+
+def test_model_utility_without_real_authors_is_the_harmonic_mean_of_six_components_and_says_so(full_report):
+    parts = [full_report.summary[f"{split}/{m}"] for split in ("retain", "world_facts")
+             for m in metrics.UTILITY_COMPONENTS[split]]  # fmt: skip
     assert len(parts) == 6 and min(parts) > 0
-    assert full_report.model_utility == pytest.approx(hmean(parts), rel=1e-12)
+    assert full_report.model_utility == pytest.approx(hmean(parts), rel=1e-12)  # same harmonic mean, float order
+    assert "6 of TOFU's 9 components (no real_authors split)" in full_report.notes["model_utility"]
+
+
+def test_model_utility_with_a_real_authors_split_uses_all_nine_components(full_model, splits):
+    data = {"retain": splits["retain"], "real_authors": splits["world_facts"], "world_facts": splits["world_facts"]}
+    report = metrics.evaluate(full_model, data, config=metrics.EvalConfig(max_items=8, max_new_tokens=32))
+    parts = [report.summary[f"{split}/{m}"] for split, ms in metrics.UTILITY_COMPONENTS.items() for m in ms]
+    assert len(parts) == 9
+    assert report.model_utility == pytest.approx(hmean(parts), rel=1e-12)
+    assert "model_utility" not in report.notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,11 +377,37 @@ def test_memorising_model_gives_auc_near_one_in_the_documented_direction(full_re
     )
 
 
-def test_privleak_and_mia_score_follow_their_formulas(full_report):
+def muse_privleak(auc_muse: float, ref_auc_muse: float) -> float:
+    """MUSE's PrivLeak as its eval.py writes it, on MUSE-oriented AUCs (members scored higher, forget = 0)."""
+    return (auc_muse - ref_auc_muse) / ref_auc_muse * 100
+
+
+@pytest.mark.parametrize(
+    ("auc", "ref_auc", "expected"),
+    [
+        (1.0, 0.88, -100.0),  # still recognises the forget set: the leak MUSE reports as ~-100
+        (0.9, 0.8, -50.0),  # r > 0.5: 100 (0.8 - 0.9) / 0.2
+        (0.6, 0.3, 100 * -0.3 / 0.7),  # r < 0.5: the old formula 100 (a - r) / r gave +100 here
+        (0.2, 0.3, 100 * 0.1 / 0.7),  # forget set less familiar than under the retain model: over-unlearned, > 0
+        (0.5, 0.5, 0.0),
+    ],
+)
+def test_privleak_is_muses_formula_in_this_projects_auc_orientation(auc, ref_auc, expected):
+    # Exact up to float rounding (1e-9): the same three-term expression, evaluated in another order.
+    assert metrics.privleak(auc, ref_auc) == pytest.approx(expected, abs=1e-9)
+    assert metrics.privleak(auc, ref_auc) == pytest.approx(muse_privleak(1 - auc, 1 - ref_auc), abs=1e-9)
+
+
+def test_privleak_of_the_original_model_against_its_retain_reference_is_about_minus_100(full_report):
     ref = full_report.reference_values
     ref_auc = pairwise_auc(ref["forget"]["mia_min_k"], ref["holdout"]["mia_min_k"])
     auc = full_report.summary["mia_auc_min_k"]
-    assert full_report.privleak == pytest.approx(100 * (auc - ref_auc) / ref_auc, rel=1e-9)
+    assert 0.5 < ref_auc < 1 and auc == 1.0  # the full model tells its forget set from the holdout perfectly
+    assert full_report.privleak == pytest.approx(100 * (ref_auc - auc) / (1 - ref_auc), rel=1e-9)
+    assert full_report.privleak == pytest.approx(-100.0)
+
+
+def test_mia_score_is_one_minus_twice_the_auc_gap_to_one_half(full_report):
     assert full_report.mia_score == pytest.approx(1 - 2 * abs(full_report.summary["mia_auc_loss"] - 0.5))
 
 
@@ -294,7 +431,7 @@ def test_generation_metrics_score_the_models_greedy_answers(full_report, full_mo
     result = full_report.splits["forget"]
     answers = models.greedy_answers(full_model.model, full_model.tokenizer, full_model.fmt, result.questions, 32)
     assert result.generations == answers
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     expected = [scorer.score(gold, gen)["rougeL"].recall for gold, gen in zip(result.answers, answers, strict=True)]
     np.testing.assert_allclose(result.values["rouge_l"], expected, atol=1e-12)
     gold = [a.strip().lower() for a in result.answers]
@@ -363,6 +500,13 @@ def test_reference_with_another_tokenizer_is_refused(full_model, splits):
     reference = models.LoadedModel(full_model.model, other, full_model.fmt, "other-tokenizer", "other")
     with pytest.raises(SimuError, match="another tokenizer"):
         metrics.evaluate(full_model, {"forget": splits["forget"]}, reference)
+
+
+def test_reference_report_of_an_older_metrics_format_is_refused(full_model, full_report, splits):
+    old = copy.deepcopy(full_report)
+    old.format = metrics.REPORT_FORMAT - 1
+    with pytest.raises(SimuError, match="re-evaluate the reference"):
+        metrics.evaluate(full_model, splits, old, SMALL)
 
 
 def test_unknown_metric_name_is_refused_with_the_choices(full_model, splits):

@@ -1,24 +1,28 @@
 """Evaluation metrics (a registry) and the evaluation report, before and after unlearning.
 
 `evaluate(loaded, datasets, reference)` scores one model on named question/answer splits
-(`forget`, `retain`, `holdout`, `world_facts`; other names are allowed and treated like retain)
-and returns a `Report` with every per-example value, the split summaries and the cross-split
+(`forget`, `retain`, `holdout`, `real_authors`, `world_facts`; other names are allowed and treated
+like retain) and returns a `Report` with every per-example value, the split summaries and the cross-split
 numbers (forget quality, model utility, membership inference). `compare(before, after)` gives
 the deltas; `simu_core.report` renders them as a self-contained HTML page, and
 `simu_core.evaluation` loads models, data and runs by their specs and evaluates them.
 
 Metric families (definitions: /work/shared/references.md section 5, TOFU / MUSE / Min-K% /
 Min-K%++ / LUME):
-- generation (`text`): greedy answers, ROUGE-L recall (own implementation, rouge_score's default
-  tokenisation), exact match (stripped, lower-cased, as LUME);
-- likelihood (`likelihood`): length-normalised answer probability p(a|q)^(1/|a|), exact
-  memorisation (teacher-forced token accuracy), extraction strength;
-- truth_ratio (`likelihood`): TOFU's R = P(perturbed) / P(paraphrased) (geometric mean over the
-  perturbed answers, as TOFU's code), and p(true) / (p(true) + sum p(perturbed));
+- generation (`text`, `simu_core.answers`): greedy answers (stopping at a newline for completion-style
+  prompt formats), ROUGE-L recall (rouge_score's tokens with its Porter stemmer, as TOFU / MUSE; LCS
+  computed here), exact match (the answer's first sentence(s), normalised; or LUME's whole-answer
+  rule) and the answer-contained rate;
+- likelihood (`likelihood`): length-normalised answer probability p(a|q)^(1/|a|) (answer + EOS),
+  exact memorisation (teacher-forced token accuracy) and extraction strength (answer tokens only);
+- truth_ratio (`likelihood`): TOFU's R = P(perturbed) / P(true answer) (the paraphrase on forget /
+  retain, the original answer on real authors / world facts; geometric mean over the perturbed
+  answers, as TOFU's code), and p(true) / (p(true) + sum p(perturbed));
 - membership (`mia`): per-example LOSS, zlib, Min-K% and Min-K%++ scores, their forget-vs-holdout
   AUC, PrivLeak and LUME's MIA score;
 - fluency: repetition rate of the generations (`text`) and perplexity of the answers;
-- summary (`likelihood`): forget quality (KS p-value against the retain reference), model utility.
+- summary (`likelihood`): forget quality (KS p-value against the retain reference), model utility
+  (TOFU's 9 components on retain / real authors / world facts, those of the splits given).
 
 Teacher-forced statistics are computed in batches (one forward per batch gives every
 per-token quantity the metrics need); generation goes through `models.greedy_answers`.
@@ -45,6 +49,7 @@ from simu_core.metrics.inputs import EvalConfig, MetricSkipped, SplitInputs, Sum
 from simu_core.metrics.likelihood import (
     UTILITY_COMPONENTS,
     TokenStats,
+    exact_memorization,
     extraction_strength,
     forget_quality,
     harmonic_mean,
@@ -85,6 +90,7 @@ __all__ = [
     "TokenStats",
     "compare",
     "evaluate",
+    "exact_memorization",
     "example_metric",
     "extraction_strength",
     "forget_quality",

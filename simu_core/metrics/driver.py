@@ -1,7 +1,7 @@
 """The evaluation driver: `evaluate(loaded, datasets, reference)` scores one model on named splits.
 
-Splits are named `forget`, `retain`, `holdout`, `world_facts` (`ROLES`; other names are allowed and
-treated like retain). Each split is sampled (seeded, `EvalConfig.max_items`), every registered
+Splits are named `forget`, `retain`, `holdout`, `real_authors`, `world_facts` (`ROLES`; other names
+are allowed and treated like retain). Each split is sampled (seeded, `EvalConfig.max_items`), every registered
 per-example metric is computed on it (inputs lazily, once), then every summary metric across splits;
 a metric that cannot run on the input is skipped with its reason. The result is a `Report`.
 """
@@ -24,9 +24,10 @@ from simu_core.errors import SimuError
 from simu_core.metrics.inputs import Clock, EvalConfig, MetricSkipped, SplitInputs, SummaryContext
 from simu_core.metrics.mia import MIA_ATTACKS
 from simu_core.metrics.registry import EXAMPLE_METRICS, SUMMARY_METRICS
-from simu_core.metrics.results import Report, SplitResult
+from simu_core.metrics.results import REPORT_FORMAT, Report, SplitResult
 
-ROLES = ("forget", "retain", "holdout", "world_facts")
+ROLES = ("forget", "retain", "holdout", "real_authors", "world_facts")
+EXACT_MATCH_RULES = ("first_answer", "whole")  # EvalConfig.exact_match
 
 Progress = Callable[[str, float], None]
 
@@ -152,9 +153,16 @@ def _check_inputs(loaded, datasets: dict[str, qa.QADataset], reference, cfg: Eva
     unknown = [m for m in cfg.metrics or [] if m not in EXAMPLE_METRICS and m not in SUMMARY_METRICS]
     if unknown:
         raise SimuError(f"unknown metric(s) {unknown}. Choose from: {', '.join([*EXAMPLE_METRICS, *SUMMARY_METRICS])}.")
+    if cfg.exact_match not in EXACT_MATCH_RULES:
+        raise SimuError(f"unknown exact match rule '{cfg.exact_match}'. Choose one of: {', '.join(EXACT_MATCH_RULES)}.")
     for attack in (cfg.privleak_attack, cfg.mia_score_attack):
         if attack not in MIA_ATTACKS:
             raise SimuError(f"unknown membership attack '{attack}'. Choose one of: {', '.join(MIA_ATTACKS)}.")
+    if isinstance(reference, Report) and reference.format != REPORT_FORMAT:
+        raise SimuError(
+            f"the reference report was written with metrics format {reference.format} (now {REPORT_FORMAT}: "
+            "the definitions changed since), so its values do not compare; re-evaluate the reference model"
+        )
     is_model = reference is not None and not isinstance(reference, Report)
     if is_model and not same_tokenizer(loaded.tokenizer, reference.tokenizer):
         raise SimuError(
@@ -173,8 +181,8 @@ def evaluate(
 ) -> Report:
     """Evaluate `loaded` (a `models.LoadedModel`) on named splits and return the `Report`.
 
-    datasets: {"forget": ..., "retain": ..., "holdout": ..., "world_facts": ...} (any subset; other
-    names are evaluated like retain). reference: the retain reference model (a LoadedModel with the
+    datasets: {"forget": ..., "retain": ..., "holdout": ..., "real_authors": ..., "world_facts": ...}
+    (any subset; other names are evaluated like retain). reference: the retain reference model (a LoadedModel with the
     same tokenizer) or a `Report` of it on the same data and settings; needed for forget quality and
     PrivLeak. Metrics that cannot run on the input are skipped and their reason is kept in `skipped`.
     progress(message, fraction) is called as the work advances.

@@ -2,7 +2,8 @@
 
 - `EvalConfig`: the evaluation settings (saved in every report);
 - `SplitInputs`: for one split and one model, the greedy answers and the teacher-forced statistics
-  of the gold, paraphrased and perturbed answers, each computed once, when a metric first asks;
+  of the gold, paraphrased and perturbed answers, each computed once, when a metric first asks
+  (`truth_ratio_base`: which answer the truth ratio treats as the true one, per role, as TOFU);
 - `SummaryContext`: what a summary metric (one number across splits) reads of a running evaluation;
 - `MetricSkipped`: raised when a metric cannot be computed on its input (the message says why);
 - `Clock`: seconds per metric family.
@@ -34,12 +35,22 @@ class EvalConfig:
     seed: int = 0  # seed of the per-split sample
     min_k: float = 0.4  # fraction of lowest-scoring tokens for Min-K% and Min-K%++ (MUSE/TOFU configs)
     repetition_n: int = 2  # n-gram size of the repetition rate
+    # ROUGE-L with the Porter stemmer, as TOFU and MUSE (rouge_score use_stemmer=True); False: without
+    rouge_stemmer: bool = True
+    # exact match rule: "first_answer" = the greedy answer's first sentence(s) equal the gold answer once
+    # normalised (answers.answer_matches: free-form models go on after the answer); "whole" = the whole
+    # greedy answer equals it, stripped and lower-cased (LUME)
+    exact_match: str = "first_answer"
     max_length: int = 512  # tokens per prompt + answer (longer answers are truncated)
     # inputs not computed per split: holdout only serves membership inference (and costs time)
     skip_inputs: dict[str, list[str]] = field(default_factory=lambda: {"holdout": ["generation", "truth_ratio"]})
     privleak_attack: str = "min_k"  # MUSE: Min-40%
     mia_score_attack: str = "loss"  # LUME: loss-based attack
     metrics: list[str] | None = None  # names from EXAMPLE_METRICS / SUMMARY_METRICS; None = all
+
+
+# Roles whose truth ratio uses the original answer as the true one (TOFU: real authors, world facts).
+ORIGINAL_ANSWER_ROLES = ("real_authors", "world_facts")
 
 
 class MetricSkipped(Exception):
@@ -79,7 +90,8 @@ class Clock:
 class SplitInputs:
     """What the metrics read for one split and one model, computed lazily and cached.
 
-    `items` are the (sampled) items; `role` is the split's role (forget/retain/holdout/world_facts/other).
+    `items` are the (sampled) items; `role` is the split's role (forget/retain/holdout/real_authors/
+    world_facts/other).
     """
 
     def __init__(
@@ -103,8 +115,9 @@ class SplitInputs:
         return qa.encode(self.loaded.tokenizer, self.loaded.fmt, question, answer, self.cfg.max_length)
 
     def _stats(self, examples: list[qa.Encoded], full: bool) -> TokenStats:
-        pad = qa.pad_id_of(self.loaded.tokenizer)
-        return token_stats(self.loaded.model, examples, pad, self.cfg.batch_size, full)
+        tokenizer = self.loaded.tokenizer
+        eos = tokenizer.eos_token_id if self.loaded.fmt.appends_eos else None
+        return token_stats(self.loaded.model, examples, qa.pad_id_of(tokenizer), self.cfg.batch_size, full, eos)
 
     @cached_property
     def generations(self) -> list[str]:
@@ -127,23 +140,37 @@ class SplitInputs:
         with self._clock.time("likelihood"):
             return self._stats([self._encode(it["question"], it["answer"]) for it in self.items], full=True)
 
+    @property
+    def truth_ratio_base(self) -> str:
+        """The item field the truth ratio sets against the perturbed answers: TOFU's eval config uses the
+        paraphrased answer on forget and retain, the original answer on real authors and world facts."""
+        return "answer" if self.role in ORIGINAL_ANSWER_ROLES else "paraphrased_answer"
+
     @cached_property
     def variants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(paraphrased mean NLL [N], perturbed mean NLL per answer [M], owner item of each [M]), one pass."""
+        """(base answer mean NLL [N], perturbed mean NLL per answer [M], owner item of each [M]), one pass.
+
+        The base answer is `truth_ratio_base` (the paraphrase, or the gold answer already scored in `answer`).
+        """
         self._check_wanted("truth_ratio")
-        missing = [k for k in ("paraphrased_answer", "perturbed_answers") if not all(it.get(k) for it in self.items)]
+        base = self.truth_ratio_base
+        needed = ("perturbed_answers",) if base == "answer" else ("paraphrased_answer", "perturbed_answers")
+        missing = [k for k in needed if not all(it.get(k) for it in self.items)]
         if missing:
             raise MetricSkipped(
                 f"split '{self.name}' has no {' / '.join(missing)} on every item (needed for the truth ratio); "
                 "add those fields to the data to get this metric"
             )
-        self._notify(f"{self.name}: paraphrased and perturbed answers")
+        reuse = base == "answer"  # the gold answer's NLL is already in `answer`
+        base_nll = self.answer.mean_nll if reuse else None
+        self._notify(f"{self.name}: {'perturbed' if reuse else 'paraphrased and perturbed'} answers")
         with self._clock.time("truth_ratio"):
-            examples = [self._encode(it["question"], it["paraphrased_answer"]) for it in self.items]
+            examples = [] if reuse else [self._encode(it["question"], it[base]) for it in self.items]
+            n_base = len(examples)
             owner = np.array([i for i, it in enumerate(self.items) for _ in it["perturbed_answers"]])
             examples += [self._encode(it["question"], a) for it in self.items for a in it["perturbed_answers"]]
             nll = self._stats(examples, full=False).mean_nll
-        return nll[: len(self.items)], nll[len(self.items) :], owner
+        return (base_nll if reuse else nll[:n_base]), nll[n_base:], owner
 
     def perturbed_mean_nll(self) -> np.ndarray:
         """[N] mean over each item's perturbed answers of their mean NLL per token."""

@@ -2,9 +2,11 @@
 
 - `token_stats`: one batched forward per batch gives every per-token quantity the metrics need
   (summed NLL, log-probabilities, argmax hits, Min-K%++ token scores), left-aligned on the answer;
-- answer probability p(a|q)^(1/|a|) = exp(-mean NLL), exact memorisation (teacher-forced token
-  accuracy) and `extraction_strength`;
-- TOFU's truth ratio R = P(perturbed) / P(paraphrased) (`truth_ratio_values`) and its split score
+- answer probability p(a|q)^(1/|a|) = exp(-mean NLL) over the answer tokens and the closing EOS (as
+  TOFU), `exact_memorization` (teacher-forced token accuracy) and `extraction_strength` over the
+  answer tokens only (EOS left out, as open-unlearning);
+- TOFU's truth ratio R = P(perturbed) / P(true) (`truth_ratio_values`; true = the paraphrased
+  answer on forget / retain, the original one on real authors / world facts) and its split score
   (`truth_ratio_score`);
 - TOFU's forget quality (`forget_quality`: KS-test p-value of forget truth ratios against the
   retain reference) and model utility (`harmonic_mean` of `UTILITY_COMPONENTS`).
@@ -28,11 +30,13 @@ from simu_core import data as qa
 
 @dataclass
 class TokenStats:
-    """Teacher-forced statistics over the answer tokens of N sequences (A = longest answer).
+    """Teacher-forced statistics over the answer tokens of N sequences (A = longest answer, EOS included).
 
-    nll_sum [N]: summed negative log-likelihood of the answer tokens (nats);
-    n_tokens [N]: answer tokens counted (answer + EOS);
-    With `full=True` also, left-aligned on the answer and padded to A:
+    nll_sum [N]: summed negative log-likelihood of the answer tokens, EOS included (nats);
+    n_tokens [N]: answer tokens counted there (answer + EOS when the format appends one);
+    n_eos [N]: 1 where the last of those tokens is the closing EOS, else 0;
+    With `full=True` also, left-aligned on the answer and padded to A (the EOS position included;
+    `answer_only` masks it):
     log_probs [N, A]: log p(x_t | x_<t) (NaN padding);
     correct [N, A]: argmax prediction equals the gold token (False padding);
     minkpp [N, A]: Min-K%++ token score (log p(x_t) - mu_t) / sigma_t (NaN padding).
@@ -40,25 +44,47 @@ class TokenStats:
 
     nll_sum: np.ndarray
     n_tokens: np.ndarray
+    n_eos: np.ndarray
     log_probs: np.ndarray | None = None
     correct: np.ndarray | None = None
     minkpp: np.ndarray | None = None
 
     @property
     def mean_nll(self) -> np.ndarray:
-        """[N] mean NLL per answer token (nats)."""
+        """[N] mean NLL per answer token, EOS included (nats): TOFU's and open-unlearning's loss."""
         return self.nll_sum / np.maximum(self.n_tokens, 1)
+
+    @property
+    def n_answer(self) -> np.ndarray:
+        """[N] answer tokens without the closing EOS (what Min-K%, Min-K%++, EM and ES score)."""
+        return self.n_tokens - self.n_eos
+
+    def answer_only(self, values: np.ndarray) -> np.ndarray:
+        """A copy of a [N, A] array with the EOS position (and padding) set to NaN (floats) or False (bools)."""
+        keep = np.arange(values.shape[1])[None] < self.n_answer[:, None]
+        fill = False if values.dtype == bool else np.nan
+        return np.where(keep, values, fill)
 
 
 @torch.no_grad()
 def token_stats(
-    model: nn.Module, examples: Sequence[qa.Encoded], pad_id: int, batch_size: int = 64, full: bool = False
+    model: nn.Module,
+    examples: Sequence[qa.Encoded],
+    pad_id: int,
+    batch_size: int = 64,
+    full: bool = False,
+    eos_id: int | None = None,
 ) -> TokenStats:
-    """Teacher-forced answer-token statistics of `examples`, batched (sorted by length to cut padding)."""
+    """Teacher-forced answer-token statistics of `examples`, batched (sorted by length to cut padding).
+
+    `eos_id`: the id that closes answers when the prompt format appends EOS (None: it does not); an
+    answer whose last token is `eos_id` counts it in `n_eos`.
+    """
     n = len(examples)
-    n_answer = np.array([len(e.ids) - e.n_prompt for e in examples])
+    n_answer = np.array([len(e.ids) - e.n_prompt for e in examples], dtype=int)
+    ends_eos = [eos_id is not None and len(e.ids) > e.n_prompt and e.ids[-1] == eos_id for e in examples]
     width = int(n_answer.max()) if n else 0
-    stats = TokenStats(np.zeros(n), n_answer.copy())
+    stats = TokenStats(np.zeros(n), n_answer.copy(), np.array(ends_eos, dtype=int))
     if full:
         stats.log_probs = np.full((n, width), np.nan)
         stats.correct = np.zeros((n, width), dtype=bool)
@@ -131,26 +157,34 @@ def _fill_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def extraction_strength(correct: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
-    """[N] ES = 1 - k*/|y|, k* the smallest index whose suffix y[k*:] is predicted exactly.
+def exact_memorization(correct: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    """[N] EM = share of the first `n_tokens` positions of `correct` [N, A] that are argmax hits (NaN if 0)."""
+    positions = np.arange(correct.shape[1])[None]
+    hits = (correct & (positions < n_tokens[:, None])).sum(1)
+    return np.where(n_tokens > 0, hits / np.maximum(n_tokens, 1), np.nan)
 
-    `correct` [N, A] marks teacher-forced argmax hits (False on padding). If the last token is
-    missed, k* = |y| and ES = 0 (the definition; open-unlearning's loop gives 1/|y| there).
+
+def extraction_strength(correct: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    """[N] ES = 1 - k*/|y|, k* the smallest index whose suffix y[k*:] is predicted exactly (NaN if |y| = 0).
+
+    `correct` [N, A] marks teacher-forced argmax hits (False on padding), `n_tokens` [N] = |y|. If the
+    last token is missed, k* = |y| and ES = 0 (the definition; open-unlearning's loop gives 1/|y| there).
     """
     positions = np.arange(correct.shape[1])[None]
     wrong = ~correct & (positions < n_tokens[:, None])
     k_star = np.where(wrong, positions, -1).max(1, initial=-1) + 1
-    return 1.0 - k_star / np.maximum(n_tokens, 1)
+    return np.where(n_tokens > 0, 1.0 - k_star / np.maximum(n_tokens, 1), np.nan)
 
 
-def truth_ratio_values(paraphrased_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
-    """[N] TOFU truth ratio R = P(perturbed) / P(paraphrased) with length-normalised probabilities.
+def truth_ratio_values(base_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
+    """[N] TOFU truth ratio R = P(perturbed) / P(base) with length-normalised probabilities.
 
-    Both inputs are mean NLLs per token; `perturbed_nll` is already averaged over each item's
-    perturbed answers (a geometric mean of their probabilities, as TOFU's code). R < 1: the
-    model prefers the true (paraphrased) answer.
+    Both inputs are mean NLLs per token. The base answer is the paraphrased one on forget / retain
+    and the original one on real authors / world facts (TOFU's eval config); `perturbed_nll` is
+    already averaged over each item's perturbed answers (a geometric mean of their probabilities,
+    as TOFU's code). R < 1: the model prefers the true answer.
     """
-    return np.exp(paraphrased_nll - perturbed_nll)
+    return np.exp(base_nll - perturbed_nll)
 
 
 def truth_ratio_score(ratios: np.ndarray, role: str) -> float:
@@ -177,8 +211,10 @@ def forget_quality(truth_ratios: np.ndarray, reference_truth_ratios: np.ndarray)
     return float(ks_2samp(ours[~np.isnan(ours)], ref[~np.isnan(ref)]).pvalue)
 
 
-# (split, metric) pairs whose harmonic mean is TOFU's model utility, for the splits present.
+# TOFU's model utility: the harmonic mean of these 9 (split, metric) numbers (aggregate_eval_stat.py).
+# Splits the data lacks are left out and the report notes it (the built-in has no real_authors split: 6).
 UTILITY_COMPONENTS = {
     "retain": ("prob", "rouge_l", "truth_ratio"),
+    "real_authors": ("prob_vs_perturbed", "rouge_l", "truth_ratio"),
     "world_facts": ("prob_vs_perturbed", "rouge_l", "truth_ratio"),
 }

@@ -5,13 +5,20 @@ Attack scores (`MIA_ATTACKS`), all oriented "higher = more likely a NON-member":
 - `zlib`: mean answer NLL / zlib-compressed size of the answer (`zlib_score`);
 - `min_k`: Min-K% Prob, -mean of the k-fraction lowest answer-token log-probabilities;
 - `min_k_pp`: Min-K%++, the same over the normalised token scores (log p(x_t) - mu_t) / sigma_t
-  (`min_k_score` does both).
+  (`min_k_score` does both). Both score the answer tokens only, without the closing EOS (as
+  open-unlearning's `tokenwise_logprobs`); `loss` and `zlib` use the mean NLL with the EOS (as its
+  LOSS and zlib attacks, which call `evaluate_probability`).
 
 Numbers: `roc_auc` of forget (label 0) vs holdout (label 1), so AUC -> 1 when the model still
-recognises the forget set and 0.5 when forget and holdout look alike (open-unlearning's
-convention); `privleak` = 100 (AUC - AUC_ref) / AUC_ref with this AUC, so > 0 means the forget set
-is still more exposed than under the retain model and < 0 means over-unlearning (MUSE's tables use
-the opposite AUC orientation, hence the opposite sign); `mia_score` = LUME's 1 - 2 |AUC - 0.5|.
+recognises the forget set and 0.5 when forget and holdout look alike (open-unlearning's convention,
+`mia/utils.py`: "auc is 1 when the forget data is much more likely than the holdout data").
+MUSE computes its AUC the other way round (members scored higher, forget labelled 0: its AUC -> 0 when
+the forget set is recognised), i.e. AUC_MUSE = 1 - AUC here. `privleak` is MUSE's
+100 (AUC_MUSE - AUC_MUSE_ref) / AUC_MUSE_ref written in this orientation: 100 (r - a) / (1 - r) with
+a = AUC of the model, r = AUC of the retain reference (open-unlearning's `privacy.privleak` does the
+same conversion). About -100 for a model that still holds the forget set (MUSE's un-unlearned
+models), 0 when it looks like the retain model, large positive = over-unlearning (the forget set is
+now *less* familiar than under the retain model). `mia_score` = LUME's 1 - 2 |AUC - 0.5|.
 """
 
 from __future__ import annotations
@@ -25,16 +32,19 @@ MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 
 
 def min_k_score(token_scores: np.ndarray, k: float) -> np.ndarray:
-    """[N] = -mean of the k-fraction lowest token scores of each row ([N, A], NaN = padding).
+    """[N] = -mean of the k-fraction lowest token scores of each row ([N, A], NaN = not scored).
 
-    The count is max(1, floor(k * n_tokens)), as in open-unlearning. With log-probs this is
-    Min-K% Prob; with Min-K%++'s normalised scores it is Min-K%++. Higher = more likely a non-member.
+    The count is max(1, floor(k * n_tokens)), as in open-unlearning; a row with no scored token
+    gives NaN. With log-probs this is Min-K% Prob; with Min-K%++'s normalised scores it is Min-K%++.
+    Higher = more likely a non-member.
     """
     present = ~np.isnan(token_scores)
-    count = np.maximum(1, np.floor(present.sum(1) * k).astype(int))
+    n = present.sum(1)
+    count = np.maximum(1, np.floor(n * k).astype(int))
     ranked = np.sort(np.where(present, token_scores, np.inf), axis=1)
     take = np.arange(token_scores.shape[1])[None] < count[:, None]
-    return -np.where(take, ranked, 0.0).sum(1) / count
+    score = -np.where(take & (n[:, None] > 0), ranked, 0.0).sum(1) / count
+    return np.where(n > 0, score, np.nan)
 
 
 def zlib_score(mean_nll: np.ndarray, texts: Sequence[str]) -> np.ndarray:
@@ -44,9 +54,14 @@ def zlib_score(mean_nll: np.ndarray, texts: Sequence[str]) -> np.ndarray:
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve = P(score(positive) > score(negative)) + P(tie) / 2 (Mann-Whitney)."""
+    """Area under the ROC curve = P(score(positive) > score(negative)) + P(tie) / 2 (Mann-Whitney).
+
+    NaN scores (examples that could not be scored) are left out.
+    """
     from scipy.stats import rankdata
 
+    negatives, positives = np.asarray(negatives, dtype=float), np.asarray(positives, dtype=float)
+    negatives, positives = negatives[~np.isnan(negatives)], positives[~np.isnan(positives)]
     scores = np.concatenate([negatives, positives])
     ranks = rankdata(scores)  # average ranks handle ties
     n_pos, n_neg = len(positives), len(negatives)
@@ -54,8 +69,13 @@ def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:
 
 
 def privleak(auc: float, reference_auc: float) -> float:
-    """MUSE PrivLeak = 100 (AUC - AUC_ref) / AUC_ref; > 0: forget set still exposed, < 0: over-unlearned."""
-    return 100.0 * (auc - reference_auc) / reference_auc
+    """MUSE PrivLeak in percent: 100 (r - a) / (1 - r), a = `auc`, r = `reference_auc` (this module's orientation).
+
+    Equals MUSE's 100 (a' - r') / r' with MUSE's AUCs a' = 1 - a, r' = 1 - r. ~-100: the forget set is
+    still recognised (leak); 0: like the retain model; > 0: over-unlearned. Undefined (ZeroDivisionError)
+    for r = 1.
+    """
+    return 100.0 * (reference_auc - auc) / (1.0 - reference_auc)
 
 
 def mia_score(auc: float) -> float:

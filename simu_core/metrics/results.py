@@ -19,7 +19,9 @@ from simu_core.config import from_dict
 from simu_core.errors import SimuError
 from simu_core.metrics.registry import goal_of
 
-REPORT_FORMAT = 1
+# 2: PrivLeak with MUSE's 1 - AUC_ref denominator, Min-K% / Min-K%++ / EM / ES without the EOS, stemmed
+# ROUGE-L, the original answer in the world-facts truth ratio, first-answer exact match (issue 14).
+REPORT_FORMAT = 2
 
 
 @dataclass

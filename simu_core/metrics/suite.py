@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from simu_core.answers import answer_contained, answer_matches
 from simu_core.metrics.inputs import MetricSkipped, SplitInputs, SummaryContext
 from simu_core.metrics.likelihood import (
     UTILITY_COMPONENTS,
+    exact_memorization,
     extraction_strength,
     forget_quality,
     harmonic_mean,
@@ -31,14 +33,24 @@ from simu_core.metrics.text import repetition_rate, rouge_l_recall, same_answer
 
 @example_metric("rouge_l", "generation", "lower", "higher")
 def _rouge_l(s: SplitInputs) -> np.ndarray:
-    """ROUGE-L recall of the greedy answer against the gold answer."""
-    return np.array([rouge_l_recall(g, it["answer"]) for g, it in zip(s.generations, s.items, strict=True)])
+    """ROUGE-L recall of the greedy answer against the gold answer (Porter-stemmed: EvalConfig.rouge_stemmer)."""
+    stem = s.cfg.rouge_stemmer
+    return np.array([rouge_l_recall(g, it["answer"], stem) for g, it in zip(s.generations, s.items, strict=True)])
 
 
 @example_metric("exact_match", "generation", "lower", "higher")
 def _exact_match(s: SplitInputs) -> np.ndarray:
-    """1 if the greedy answer equals the gold answer (stripped, lower-cased), else 0."""
-    return np.array([float(same_answer(g, it["answer"])) for g, it in zip(s.generations, s.items, strict=True)])
+    """1 if the greedy answer gives the gold answer: its first sentence(s), normalised, equal the normalised
+    gold answer (EvalConfig.exact_match "first_answer"), or the whole answer does, stripped and lower-cased
+    ("whole", LUME's rule); else 0."""
+    match = answer_matches if s.cfg.exact_match == "first_answer" else same_answer
+    return np.array([float(match(g, it["answer"])) for g, it in zip(s.generations, s.items, strict=True)])
+
+
+@example_metric("answer_contained", "generation", "lower", "higher")
+def _answer_contained(s: SplitInputs) -> np.ndarray:
+    """1 if the normalised gold answer occurs, as whole words, anywhere in the normalised greedy answer, else 0."""
+    return np.array([float(answer_contained(g, it["answer"])) for g, it in zip(s.generations, s.items, strict=True)])
 
 
 @example_metric("prob", "likelihood", "lower", "higher")
@@ -49,23 +61,24 @@ def _prob(s: SplitInputs) -> np.ndarray:
 
 @example_metric("exact_memorization", "likelihood", "lower", "higher")
 def _exact_memorization(s: SplitInputs) -> np.ndarray:
-    """Teacher-forced token accuracy: share of answer tokens (EOS included) the argmax predicts."""
-    return s.answer.correct.sum(1) / s.answer.n_tokens
+    """Teacher-forced token accuracy: share of the answer tokens (EOS left out) the argmax predicts."""
+    return exact_memorization(s.answer.correct, s.answer.n_answer)
 
 
 @example_metric("extraction_strength", "likelihood", "lower", "higher")
 def _extraction_strength(s: SplitInputs) -> np.ndarray:
-    """ES = 1 - k*/|y|: the share of the answer whose whole suffix the argmax predicts."""
-    return extraction_strength(s.answer.correct, s.answer.n_tokens)
+    """ES = 1 - k*/|y|: the share of the answer (EOS left out) whose whole suffix the argmax predicts."""
+    return extraction_strength(s.answer.correct, s.answer.n_answer)
 
 
 @example_metric(
     "truth_ratio", "truth_ratio", "higher", "higher", aggregate=lambda values, s: truth_ratio_score(values, s.role)
 )
 def _truth_ratio(s: SplitInputs) -> np.ndarray:
-    """R = P(perturbed)/P(paraphrased); split score forget mean(min(R,1/R)), else mean(max(0,1-R))."""
-    paraphrased, _, _ = s.variants
-    return truth_ratio_values(paraphrased, s.perturbed_mean_nll())
+    """R = P(perturbed)/P(true), true = paraphrase (forget, retain) or original answer (real authors, world facts);
+    split score forget mean(min(R,1/R)), else mean(max(0,1-R))."""
+    base, _, _ = s.variants
+    return truth_ratio_values(base, s.perturbed_mean_nll())
 
 
 @example_metric("prob_vs_perturbed", "truth_ratio", "lower", "higher")
@@ -90,14 +103,14 @@ def _mia_zlib(s: SplitInputs) -> np.ndarray:
 
 @example_metric("mia_min_k", "membership")
 def _mia_min_k(s: SplitInputs) -> np.ndarray:
-    """Min-K% Prob: -mean of the k lowest answer-token log-probs (k = EvalConfig.min_k)."""
-    return min_k_score(s.answer.log_probs, s.cfg.min_k)
+    """Min-K% Prob: -mean of the k lowest answer-token log-probs, EOS left out (k = EvalConfig.min_k)."""
+    return min_k_score(s.answer.answer_only(s.answer.log_probs), s.cfg.min_k)
 
 
 @example_metric("mia_min_k_pp", "membership")
 def _mia_min_k_pp(s: SplitInputs) -> np.ndarray:
-    """Min-K%++: -mean of the k lowest (log p(x_t) - mu_t) / sigma_t over the answer tokens."""
-    return min_k_score(s.answer.minkpp, s.cfg.min_k)
+    """Min-K%++: -mean of the k lowest (log p(x_t) - mu_t) / sigma_t over the answer tokens, EOS left out."""
+    return min_k_score(s.answer.answer_only(s.answer.minkpp), s.cfg.min_k)
 
 
 @example_metric("repetition", "fluency", "", "lower")
@@ -129,10 +142,11 @@ def _forget_quality(ctx: SummaryContext) -> float:
 
 @summary_metric("model_utility", "summary", "higher")
 def _model_utility(ctx: SummaryContext) -> float:
-    """Harmonic mean of Prob, ROUGE-L recall and truth-ratio score on retain and world facts (TOFU)."""
+    """Harmonic mean of Prob, ROUGE-L recall and truth-ratio score on retain, real authors and world facts
+    (TOFU's 9 numbers; splits the data lacks are left out, and the report's notes say which)."""
     present = [split for split in UTILITY_COMPONENTS if split in ctx.splits]
     if not present:
-        raise MetricSkipped("needs a 'retain' or 'world_facts' split")
+        raise MetricSkipped(f"needs at least one of the splits {', '.join(UTILITY_COMPONENTS)}")
     parts = {}
     for split in present:
         for metric in UTILITY_COMPONENTS[split]:
@@ -140,8 +154,12 @@ def _model_utility(ctx: SummaryContext) -> float:
                 parts[f"{split}/{metric}"] = ctx.split_summary(split, metric)
             except MetricSkipped as skip:
                 raise MetricSkipped(f"component {split}/{metric} is missing: {skip}") from skip
-    if len(present) < len(UTILITY_COMPONENTS):
-        ctx.notes["model_utility"] = f"computed from {', '.join(parts)} only"
+    total = sum(len(metrics) for metrics in UTILITY_COMPONENTS.values())
+    if len(parts) < total:
+        absent = [split for split in UTILITY_COMPONENTS if split not in present]
+        ctx.notes["model_utility"] = (
+            f"{len(parts)} of TOFU's {total} components (no {' / '.join(absent)} split): {', '.join(parts)}"
+        )
     return harmonic_mean(list(parts.values()))
 
 
@@ -166,7 +184,8 @@ for _attack in MIA_ATTACKS:
 
 @summary_metric("privleak", "membership", "zero")
 def _privleak(ctx: SummaryContext) -> float:
-    """MUSE PrivLeak = 100 (AUC - AUC_ref) / AUC_ref; > 0: forget set still exposed, < 0: over-unlearned."""
+    """MUSE PrivLeak = 100 (r - a) / (1 - r) on the Min-K% AUCs of the model (a) and the retain reference (r);
+    about -100: the forget set still leaks, 0: like the retain model, > 0: over-unlearned."""
     attack = ctx.cfg.privleak_attack
     auc = _mia_auc(ctx, attack)
     if ctx.has_reference:
@@ -174,8 +193,11 @@ def _privleak(ctx: SummaryContext) -> float:
     else:
         ref_auc = 0.5
         ctx.notes["privleak"] = "no reference model: reference AUC taken as 0.5 (as open-unlearning does)"
-    if ref_auc == 0:
-        raise MetricSkipped("the reference model's AUC is 0, so the relative PrivLeak is undefined")
+    if ref_auc == 1:
+        raise MetricSkipped(
+            "the reference model's AUC is 1 (it tells forget from holdout perfectly), so PrivLeak's "
+            "denominator 1 - AUC_ref is 0; use a reference that never saw the forget set"
+        )
     return privleak(auc, ref_auc)
 
 
