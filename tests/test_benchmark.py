@@ -228,5 +228,5 @@ def test_large_size_has_its_own_folder_and_an_80m_model(monkeypatch, full_model)
     m = builtin_config("large").model
     assert 50e6 <= _llama_params(m.n_layers, m.d_model, m.d_ff, m.vocab_size) <= 100e6  # 81.8M
     monkeypatch.setenv("SIMU_BUILTIN_SIZE", "huge")
-    with pytest.raises(SimuError, match="default, large"):
+    with pytest.raises(SimuError, match="default, small, large"):
         builtin_root()
