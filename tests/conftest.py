@@ -51,3 +51,21 @@ def full_model(builtin_dir):
     from simu_core.models import load_model
 
     return load_model("builtin:full", device="cpu", root=builtin_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(path of a tiny random Llama GGUF, the HF model it was written from, its tokenizers.Tokenizer)."""
+    from tests.tiny_gguf import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    model, tok = write_tiny_gguf(path)
+    return path, model, tok
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_gguf, tmp_path_factory):
+    """The tiny GGUF converted once into a session-wide models root (a plain model folder)."""
+    from simu_core.pretrained import convert_gguf
+
+    return convert_gguf(tiny_gguf[0], root=tmp_path_factory.mktemp("models"))
