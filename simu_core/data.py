@@ -5,6 +5,8 @@ A dataset is a list of items, each a dict with at least `question` and `answer`,
 
 Data specs understood by `load_data`:
     builtin:<split>                 a split of the built-in benchmark (forget10, retain10, holdout, ...)
+    builtin:smollm2/<split>         a split of the real-knowledge benchmark built for SmolLM2 (forget,
+                                    retain, neighbour, general, other_capitals; see `simu_core.knowledge`)
     path/to/file.jsonl|.json|.csv   a local file with `question` and `answer` columns
     hf:NAME[:CONFIG][:SPLIT]        a Hugging Face `datasets` dataset (needs the hub or its cache)
 """
@@ -462,10 +464,18 @@ def load_hf(name: str, config: str | None = None, split: str | None = None) -> Q
 def load_data(spec: str, root: str | Path | None = None) -> QADataset:
     """Load a dataset from a spec (see module docstring)."""
     spec = spec.strip()
+    if spec.startswith("builtin:") and "/" in spec:
+        from simu_core import knowledge
+
+        name, _, split = spec.split(":", 1)[1].partition("/")
+        return knowledge.load_split(name, split)
     if spec.startswith("builtin:"):
         split = spec.split(":", 1)[1]
         if split not in BUILTIN_SPLITS:
-            raise SimuError(f"unknown built-in split '{split}'. Choose one of: {', '.join(BUILTIN_SPLITS)}.")
+            raise SimuError(
+                f"unknown built-in split '{split}'. Choose one of: {', '.join(BUILTIN_SPLITS)} "
+                "(or builtin:smollm2/<split> for the real-knowledge benchmark)."
+            )
         path = Path(root or builtin_root()) / "data" / f"{split}.jsonl"
         if not path.exists():
             raise SimuError(
@@ -483,7 +493,8 @@ def load_data(spec: str, root: str | Path | None = None) -> QADataset:
         return load_file(spec)
     raise SimuError(
         f"cannot read data spec '{spec}'. Use builtin:<split> (e.g. builtin:forget10), "
-        "a .jsonl/.json/.csv file, or hf:NAME[:CONFIG][:SPLIT]."
+        "builtin:smollm2/<split> (e.g. builtin:smollm2/forget), a .jsonl/.json/.csv file, "
+        "or hf:NAME[:CONFIG][:SPLIT]."
     )
 
 
