@@ -345,6 +345,6 @@ def test_known_hub_family_gets_the_completion_format():
 def test_reference_helper_really_rounds(tiny_gguf):
     model = tiny_gguf[1]
     ref = _reference_with_q8_down(model)
-    diff = (ref.model.layers[0].mlp.down_proj.weight - model.model.layers[0].mlp.down_proj.weight).abs().max()
+    diff = (ref.model.layers[0].mlp.down_proj.weight - model.model.layers[0].mlp.down_proj.weight).abs().max().item()
     assert 0 < float(diff) < 1e-2
     assert np.isfinite(float(diff))
