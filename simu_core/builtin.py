@@ -148,9 +148,10 @@ def part_folders(part: str) -> tuple[str, ...]:
 
 
 def parts_for_specs(*specs: str | None) -> tuple[str, ...]:
-    """The parts that model and data specs need: the data part for any built-in spec, plus named models."""
-    names = [s.split(":", 1)[1] for s in specs if s and s.startswith("builtin:")]
-    if not names:
+    """The parts of the built-in default that model and data specs need: the data part for any of its models
+    or splits, plus the named models (other `builtin:` specs, e.g. builtin:smollm2, are not part of it)."""
+    names = {s.split(":", 1)[1] for s in specs if s and s.startswith("builtin:")}
+    if not names & {*BUILD_ORDER[1:], *qa.BUILTIN_SPLITS}:
         return ()
     return tuple(p for p in BUILD_ORDER if p == DATA_PART or p in names)
 

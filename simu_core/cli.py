@@ -35,12 +35,17 @@ def stderr_progress(message: str, fraction: float) -> None:
 
 
 def ensure_builtin_for(*specs: str | None) -> None:
-    """Build the parts of the built-in default that these specs need (and only those) if they are missing."""
+    """Build what these specs need and is missing: parts of the built-in default, real-knowledge benchmarks."""
     from simu_core.builtin import ensure_builtin, parts_for_specs
+    from simu_core.knowledge import ensure_knowledge
 
     parts = parts_for_specs(*specs)
     if parts:
         ensure_builtin(progress=stderr_progress, parts=parts)
+    for name in sorted(
+        {s.split(":", 1)[1].split("/")[0] for s in specs if s and s.startswith("builtin:") and "/" in s}
+    ):
+        ensure_knowledge(name, stderr_progress)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ A dataset is a list of items, each a dict with at least `question` and `answer`,
 
 Data specs understood by `load_data`:
     builtin:<split>                 a split of the built-in benchmark (forget10, retain10, holdout, ...)
+    builtin:smollm2/<split>         a split of the real-knowledge benchmark built for SmolLM2 (forget,
+                                    retain, neighbour, general, other_capitals; see `simu_core.knowledge`)
     path/to/file.jsonl|.json|.csv   a local file with `question` and `answer` columns
     hf:NAME[:CONFIG][:SPLIT]        a Hugging Face `datasets` dataset (needs the hub or its cache)
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from simu_core.config import builtin_root
+from simu_core.config import builtin_root, simu_home
 from simu_core.errors import SimuError
 
 REQUIRED_COLUMNS = ("question", "answer")
@@ -459,13 +461,49 @@ def load_hf(name: str, config: str | None = None, split: str | None = None) -> Q
     return QADataset(f"{name}:{config or ''}:{split or 'train'}".rstrip(":"), rows)
 
 
+KNOWLEDGE_BENCHMARKS = {"smollm2": "builtin:smollm2"}  # real-knowledge benchmark name -> the model it is built for
+KNOWLEDGE_SPLITS = ("forget", "retain", "neighbour", "general", "other_capitals")
+
+
+def knowledge_root(name: str = "smollm2") -> Path:
+    """Where the real-knowledge benchmark of `name` is cached: $SIMU_HOME/knowledge/<name>."""
+    return simu_home() / "knowledge" / name
+
+
+def load_knowledge_split(name: str, split: str, root: str | Path | None = None) -> QADataset:
+    """A split of a built real-knowledge benchmark (built and checked by `simu_core.knowledge`)."""
+    if name not in KNOWLEDGE_BENCHMARKS:
+        raise SimuError(
+            f"no knowledge benchmark for '{name}'. Choose one of: {', '.join(KNOWLEDGE_BENCHMARKS)} "
+            "(e.g. builtin:smollm2/forget)."
+        )
+    if split not in KNOWLEDGE_SPLITS:
+        raise SimuError(f"unknown knowledge split '{split}'. Choose one of: {', '.join(KNOWLEDGE_SPLITS)}.")
+    folder = Path(root or knowledge_root(name))
+    path = folder / f"{split}.jsonl"
+    if not (folder / "manifest.json").is_file() or not path.is_file():
+        raise SimuError(
+            f"the {name} knowledge benchmark is not built yet ({folder}). Build it with "
+            f"`python -m simu_core.knowledge build --model {KNOWLEDGE_BENCHMARKS[name]}` (a few minutes on CPU)."
+        )
+    if path.stat().st_size == 0:
+        return QADataset(f"{name}/{split}", [])
+    return QADataset(f"{name}/{split}", load_file(path).items)
+
+
 def load_data(spec: str, root: str | Path | None = None) -> QADataset:
     """Load a dataset from a spec (see module docstring)."""
     spec = spec.strip()
+    if spec.startswith("builtin:") and "/" in spec:
+        name, _, split = spec.split(":", 1)[1].partition("/")
+        return load_knowledge_split(name, split)
     if spec.startswith("builtin:"):
         split = spec.split(":", 1)[1]
         if split not in BUILTIN_SPLITS:
-            raise SimuError(f"unknown built-in split '{split}'. Choose one of: {', '.join(BUILTIN_SPLITS)}.")
+            raise SimuError(
+                f"unknown built-in split '{split}'. Choose one of: {', '.join(BUILTIN_SPLITS)} "
+                "(or builtin:smollm2/<split> for the real-knowledge benchmark)."
+            )
         path = Path(root or builtin_root()) / "data" / f"{split}.jsonl"
         if not path.exists():
             raise SimuError(
@@ -483,7 +521,8 @@ def load_data(spec: str, root: str | Path | None = None) -> QADataset:
         return load_file(spec)
     raise SimuError(
         f"cannot read data spec '{spec}'. Use builtin:<split> (e.g. builtin:forget10), "
-        "a .jsonl/.json/.csv file, or hf:NAME[:CONFIG][:SPLIT]."
+        "builtin:smollm2/<split> (e.g. builtin:smollm2/forget), a .jsonl/.json/.csv file, "
+        "or hf:NAME[:CONFIG][:SPLIT]."
     )
 
 

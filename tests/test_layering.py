@@ -35,6 +35,8 @@ LAYERS = {
     "simu_core.models": 4,
     # the built-in default (build and cache); per-neuron types (scores, masks, their files)
     "simu_core.builtin": 5,
+    "simu_core.knowledge_facts": 0,  # plain fact tables
+    "simu_core.knowledge": 5,  # the real-knowledge benchmark, built for a model
     "simu_core.neurons": 5,
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
     "simu_core.attribution": 6,

