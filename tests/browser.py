@@ -59,7 +59,11 @@ def app_server(env: dict[str, str], log: Path) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:  # a job thread in the middle of a long torch call
+            proc.kill()
+            proc.wait(10)
 
 
 @contextlib.contextmanager
