@@ -22,9 +22,11 @@ from simu_core import data as qa
 from simu_core.builtin import (
     BuildStatus,
     build_active,
+    ensure_builtin,
     missing_parts,
     parts_for_specs,
     read_build_status,
+    shipped_covers,
     start_background_build,
 )
 from simu_core.config import builtin_root, simu_home, to_dict
@@ -95,6 +97,10 @@ def require_builtin(*specs: str | None) -> None:
     root = builtin_root()
     if not parts or not missing_parts(root, parts):
         return
+    if shipped_covers(root) and not build_active(root):
+        with st.spinner("First start: copying the built-in default shipped with SIMU Studio (a few seconds)..."):
+            ensure_builtin(root)  # copy and check the shipped files here (all of them: 23 MB): no process to start
+        return
     status = read_build_status(root)
     if status is not None and status.state == "failed" and not build_active(root):
         st.error(f"**Could not build the built-in default.** {status.error}")
@@ -137,8 +143,11 @@ def show_build_progress(status: BuildStatus | None, waiting_for: tuple[str, ...]
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=4)
-def cached_model(spec: str, device: str, trust_remote_code: bool) -> LoadedModel:
-    """A loaded model shared read-only by all sessions: never modify it, copy it for a run."""
+def cached_model(spec: str, device: str, trust_remote_code: bool, home: str = "") -> LoadedModel:
+    """A loaded model shared read-only by all sessions: never modify it, copy it for a run.
+
+    `home` (the SIMU_HOME the spec was resolved in) is only part of the cache key.
+    """
     return load_model(spec, device=device, trust_remote_code=trust_remote_code)
 
 
@@ -147,7 +156,7 @@ def current_model() -> LoadedModel | None:
     spec = st.session_state["model_spec"]
     require_builtin(spec)
     try:
-        return cached_model(spec, st.session_state["device"], st.session_state["trust_remote_code"])
+        return cached_model(spec, st.session_state["device"], st.session_state["trust_remote_code"], str(simu_home()))
     except Exception as err:
         show_error(err, f"load the model '{spec}'")
         return None

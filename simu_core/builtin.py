@@ -570,6 +570,13 @@ def _shipped_entry(config: BuiltinConfig, part: str) -> dict | None:
     return manifest.get("parts", {}).get(part)
 
 
+def shipped_covers(root: str | Path | None = None, parts: Sequence[str] = BUILD_ORDER) -> bool:
+    """True when every missing one of `parts` can be copied from the shipped build (a second's work, no training)."""
+    root = Path(root or builtin_root())
+    config = existing_config(root) or builtin_config()
+    return all(_shipped_entry(config, part) is not None for part in missing_parts(root, parts))
+
+
 def _install_shipped(root: Path, part: str, entry: dict) -> dict | None:
     """Copy a shipped part into `root`, each file checked against its sha256; None if any does not match."""
     start = time.perf_counter()

@@ -108,6 +108,22 @@ def attribution_ready(at: AppTest) -> AppTest:
     return poll(at, lambda a: len(a.get("plotly_chart")) >= 3 or a.error, "the attribution charts")
 
 
+# --------------------------------------------------------------------------- first start
+def test_first_start_copies_the_shipped_default_and_shows_its_model(tmp_path, monkeypatch):
+    from simu_core import builtin
+
+    monkeypatch.setenv("SIMU_HOME", str(tmp_path))
+    monkeypatch.delenv("SIMU_BUILTIN_SIZE", raising=False)
+    st_config.set_option("runner.magicEnabled", False)
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    assert metric(at, "MLP neurons") == "4 × 512"  # the default size, not the small test build
+    assert builtin.builtin_status(tmp_path / "builtin") == "ok"
+    sources = {e["source"] for e in builtin.read_manifest(tmp_path / "builtin")["parts"].values()}
+    assert sources == {"shipped"}
+
+
 # --------------------------------------------------------------------------- every page loads
 
 
@@ -188,7 +204,7 @@ def launch_unlearning(app: AppTest, steps: int, method: str = "simu") -> AppTest
     return app
 
 
-def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_page(app, full_model):
+def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_page(app, full_model, app_home):
     from pages.common import cached_model
 
     attribution_ready(app)  # the run then trains the neurons selected there
@@ -201,7 +217,7 @@ def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_
     open_page(app, "runs")
     assert name in app.dataframe[0].value["run"].tolist()
     # the run trained its own copy: the model shared by all sessions is still the one on disk
-    shared = cached_model("builtin:full", "auto", False)
+    shared = cached_model("builtin:full", "auto", False, str(app_home))
     assert model_fingerprint(shared.model) == model_fingerprint(full_model.model)
 
 
