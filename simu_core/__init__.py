@@ -8,4 +8,17 @@ the ones below: the table is in the README ("Layout") and `tests/test_layering.p
 from simu_core.errors import SimuError
 
 __version__ = "0.1.0"
-__all__ = ["SimuError", "__version__"]
+__all__ = ["SimuError", "__version__", "versions"]
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """simu_core's version and the installed versions of `packages` (recorded in manifests and reports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"simu_core": __version__}
+    for name in packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from simu_core import data as qa
+from simu_core import versions
 from simu_core.config import BuiltinConfig, TrainConfig, builtin_config, builtin_root, to_dict
 from simu_core.models import SIMU_JSON, exact_match, greedy_answers, pick_device
 
@@ -214,7 +215,7 @@ def _write_manifest(root: Path, config: BuiltinConfig, parts: dict[str, dict]) -
         "format": BUILTIN_FORMAT,
         "config": to_dict(config),
         "seed": config.seed,
-        "versions": _versions(),
+        "versions": versions("torch", "transformers", "tokenizers"),
         "parts": ordered,
         "files": {f: h for entry in ordered.values() for f, h in entry["files"].items()},
         "exact_match": {k: v for entry in ordered.values() for k, v in entry.get("exact_match", {}).items()},
@@ -284,20 +285,6 @@ def missing_parts(
     states = part_states(root, config)
     wanted = {DATA_PART, *parts} if parts else set()
     return [p for p in BUILD_ORDER if p in wanted and states[p] != OK]
-
-
-def _versions() -> dict[str, str]:
-    import tokenizers
-    import transformers
-
-    import simu_core
-
-    return {
-        "simu_core": simu_core.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from simu_core import versions
 from simu_core.config import simu_home
 from simu_core.data import COMPLETION_TEMPLATE
 from simu_core.errors import SimuError
@@ -183,20 +184,6 @@ def _install_folder(tmp: Path, target: Path, sha256: str) -> None:
     tmp.rename(target)
 
 
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import simu_core
-
-    return {
-        "simu_core": simu_core.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "gguf": importlib.metadata.version("gguf"),
-    }
-
-
 def convert_gguf(
     path: str | Path,
     root: str | Path | None = None,
@@ -245,7 +232,7 @@ def convert_gguf(
             "source_sha256": sha256,
             "source_bytes": path.stat().st_size,
             "seconds": round(time.perf_counter() - start, 1),
-            "versions": _versions(),
+            "versions": versions("torch", "transformers", "gguf"),
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
         }
         (tmp / CONVERSION_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")  # last

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from contextlib import suppress
 
 import numpy as np
-import torch
 
 from simu_core import data as qa
+from simu_core import versions
 from simu_core.config import to_dict
 from simu_core.errors import SimuError
 from simu_core.metrics.inputs import Clock, EvalConfig, MetricSkipped, SplitInputs, SummaryContext
@@ -129,21 +129,6 @@ class _Evaluation:
         return np.array(result.values[metric], dtype=float)
 
 
-def _versions() -> dict[str, str]:
-    import scipy
-    import transformers
-
-    import simu_core
-
-    return {
-        "simu_core": simu_core.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-    }
-
-
 def _check_inputs(loaded, datasets: dict[str, qa.QADataset], reference, cfg: EvalConfig) -> None:
     if not datasets:
         raise SimuError("no data to evaluate on: pass at least a 'forget' split (e.g. builtin:forget10).")
@@ -250,7 +235,7 @@ def _build_report(loaded, reference, ev: _Evaluation, split_summaries, summary, 
         skipped=skipped,
         notes=ev.notes,
         settings=to_dict(ev.cfg),
-        versions=_versions(),
+        versions=versions("torch", "transformers", "numpy", "scipy"),
         seconds=seconds,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
