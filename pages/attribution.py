@@ -77,7 +77,7 @@ steps = mid.number_input(
     help="Integration steps (SIMU uses 3–5). More steps: closer to the exact integral, proportionally slower.",
 )
 steps = 1 if one_step else int(steps)
-here = (loaded.spec, str(loaded.device), method, steps)
+here = (loaded.spec, loaded.source, str(loaded.device), method, steps)  # source: the same spec in another home
 keys = {"forget": ("scores", *here, dataset_key(forget)), "retain": ("scores", *here, dataset_key(retain_part))}
 key = (keys["forget"], keys["retain"])  # the scores a selection is made from
 store = result_store()
@@ -258,7 +258,7 @@ questions = forget.questions()
 left, right = st.columns([4, 1], vertical_alignment="bottom")
 pick = left.selectbox("Forget example", range(len(questions)), format_func=lambda i: questions[i], key="att_example")
 item = forget.items[pick]
-token_key = ("tokens", loaded.spec, str(loaded.device), item["question"], item["answer"])
+token_key = ("tokens", loaded.spec, loaded.source, str(loaded.device), item["question"], item["answer"])
 
 
 def explain(ctx, loaded, question: str, answer: str, key: tuple, store: dict) -> tuple:

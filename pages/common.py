@@ -163,7 +163,8 @@ def current_model() -> LoadedModel | None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _cached_data(spec: str) -> qa.QADataset:
+def _cached_data(spec: str, home: str = "") -> qa.QADataset:
+    """A data set shared read-only by all sessions; `home` (the SIMU_HOME it was read from) is only a cache key."""
     return qa.load_data(spec)
 
 
@@ -175,7 +176,7 @@ def current_data(role: str) -> qa.QADataset | None:
     spec = st.session_state[f"{role}_spec"]
     require_builtin(spec)
     try:
-        return _cached_data(spec)
+        return _cached_data(spec, str(simu_home()))
     except Exception as err:
         show_error(err, f"load the {role} set '{spec}'")
         return None

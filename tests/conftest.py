@@ -45,7 +45,23 @@ def full_model(builtin_dir):
     """The small built-in `full` model on CPU (shared: tests must not modify it)."""
     from simu_core.models import load_model
 
-    return load_model("builtin:full", device="cpu", root=builtin_dir)
+    loaded = load_model("builtin:full", device="cpu", root=builtin_dir)
+    FULL_MODEL_STATE["tensors"] = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    return loaded
+
+
+FULL_MODEL_STATE: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _full_model_untouched(request):
+    """Every test that uses the shared `full_model` leaves its weights exactly as loaded."""
+    yield
+    if "full_model" not in request.fixturenames or not FULL_MODEL_STATE:
+        return
+    model = request.getfixturevalue("full_model").model
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, FULL_MODEL_STATE["tensors"][k])]
+    assert not changed, f"{request.node.nodeid} modified the shared full_model in place: {changed[:3]}"
 
 
 @pytest.fixture(scope="session")
