@@ -396,6 +396,41 @@ def unlearn_cmd(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# finetune-authors (TOFU's regime: the fictitious authors fine-tuned onto a pretrained model)
+# --------------------------------------------------------------------------------------------
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="builtin:smollm2", help="pretrained model spec (default builtin:smollm2)")
+    p.add_argument("--out", required=True, help="output folder (laid out like the built-in cache: data/, models/)")
+    p.add_argument("--parts", default=None, help="comma-separated: full,retain10,retain05,retain01 (default: all)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per part (default 5, as TOFU)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5, as TOFU)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers per step (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for batch order (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the base's own code (off by default)")
+
+
+@command("finetune-authors", "fine-tune the built-in fictitious authors onto a pretrained model, with its retain "
+         "references (TOFU's regime); resumable", _finetune_args)  # fmt: skip
+def finetune_cmd(args: argparse.Namespace) -> dict:
+    import torch
+
+    from simu_core.config import TrainConfig
+    from simu_core.finetune import FinetuneConfig, finetune_authors, parse_parts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=20)
+    config = FinetuneConfig(args.base, parse_parts(args.parts), train, seed=args.seed,
+                            trust_remote_code=args.trust_remote_code)  # fmt: skip
+    manifest = finetune_authors(config, args.out, device=args.device, progress=stderr_progress)
+    return {"out": args.out, **{f"{p}/exact_match": e["exact_match"] for p, e in manifest["parts"].items()}}
+
+
+# --------------------------------------------------------------------------------------------
 # bench quality (the method comparison table)
 # --------------------------------------------------------------------------------------------
 

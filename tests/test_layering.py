@@ -38,6 +38,7 @@ LAYERS = {
     "simu_core.knowledge_facts": 0,  # plain fact tables
     "simu_core.knowledge": 5,  # the real-knowledge benchmark, built for a model
     "simu_core.neurons": 5,
+    "simu_core.finetune": 6,  # the authors fine-tuned onto a pretrained model (uses builtin's training loop)
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
     "simu_core.attribution": 6,
     "simu_core.masks": 6,
