@@ -341,6 +341,8 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     for name, kind, text in [("steps", int, "optimiser steps"), ("lr", float, "learning rate"),
                              ("gamma", float, "retain weight"), ("batch-size", int, "forget batch size"),
                              ("retain-batch-size", int, "retain batch size"), ("rho", float, "Sophia's rho"),
+                             ("rho-share", float, "calibrate rho so this share of coordinates stays unclipped "
+                              "(e.g. 0.3; Sophia's authors aim at 0.1-0.5)"),
                              ("weight-decay", float, "decoupled weight decay"),
                              ("estimator", str, "Sophia curvature: gnb, hutchinson or sqgrad"),
                              ("hessian-interval", int, "curvature refresh interval k"),
@@ -368,7 +370,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict:
     retain = None if (args.retain or "").lower() == "none" else args.retain
     ensure_builtin_for(args.model, args.forget, retain)
     mask = {k: getattr(args, f"mask_{k}") for k in ("method", "steps", "rule", "value", "dual", "score")}
-    names = ("steps", "lr", "gamma", "batch_size", "retain_batch_size", "rho", "weight_decay", "estimator",
+    names = ("steps", "lr", "gamma", "batch_size", "retain_batch_size", "rho", "rho_share", "weight_decay", "estimator",
              "hessian_interval", "mlp_parts", "stop_forget_em", "stop_forget_loss", "stop_forget_rouge", "seed",
              "max_memory_gb",
              "attention", "device")  # fmt: skip

@@ -145,8 +145,9 @@ class UnlearnConfig:
 
     Learning rates are per optimiser step; losses are in nats per answer token. `gamma` weighs the
     retain term; `rho`, `betas`, `eps`, `hessian_interval` (k; `sqgrad` refreshes every step) and
-    `estimator` are Sophia's; `attention` / `mlp_parts` ("down" or "down_up") choose SIMU's trainable
-    set. Training stops early once every target set is met: the forget set's greedy exact match (the
+    `estimator` are Sophia's; `rho_share`, when set, replaces `rho` by the value at which that share
+    of Sophia's coordinates stays unclipped (measured by a short probe run first: `calibrate_rho`);
+    `attention` / `mlp_parts` ("down" or "down_up") choose SIMU's trainable set. Training stops early once every target set is met: the forget set's greedy exact match (the
     first sentence of each answer against the gold answer, normalised: `answers.answer_matches`)
     falls to `stop_forget_em`, its greedy ROUGE-L recall to `stop_forget_rouge`, its NLL rises to
     `stop_forget_loss` (checked every `eval_every` steps). It fails when the retain loss rises
@@ -167,6 +168,7 @@ class UnlearnConfig:
     npo_beta: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     rho: float = 0.04
+    rho_share: float | None = None
     weight_decay: float = 0.0
     eps: float = 1e-12
     estimator: str = "gnb"

@@ -234,6 +234,17 @@ class Sophia:
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.m + self.h)
 
+    @torch.no_grad()
+    def clip_ratios(self, sample: int = 1_000_000, seed: int = 0) -> torch.Tensor:
+        """|m| / h of every trained coordinate (a seeded sample of `sample` when there are more), 1-D, CPU.
+
+        A coordinate's update is unclipped iff |m| < rho * h, i.e. iff its ratio < rho (inf where h = 0).
+        """
+        ratios = torch.cat([(m.abs() / h).flatten() for m, h in zip(self.m, self.h, strict=True)]).cpu()
+        if ratios.numel() > sample:
+            ratios = ratios[torch.randperm(ratios.numel(), generator=torch.Generator().manual_seed(seed))[:sample]]
+        return ratios.nan_to_num(nan=0.0)  # 0 / 0: no gradient and no curvature, never clipped
+
     def zero_grad(self) -> None:
         for tp in self.params:
             tp.target.grad = None

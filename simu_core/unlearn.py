@@ -21,6 +21,7 @@ forget set, every `eval_every` steps).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import threading
@@ -226,6 +227,10 @@ def validate_config(config: UnlearnConfig) -> None:
         (config.hessian_interval >= 1, f"hessian_interval must be >= 1 (got {config.hessian_interval})."),
         (config.eval_every >= 1, f"eval_every must be >= 1 (got {config.eval_every})."),
         (config.npo_beta > 0, f"npo_beta must be > 0 (got {config.npo_beta})."),
+        (config.rho_share is None or 0 < config.rho_share < 1,
+         f"rho_share must be between 0 and 1 (got {config.rho_share}); Sophia's authors aim at 0.1-0.5."),
+        (config.rho_share is None or config.optimizer == "sophia",
+         f"rho_share calibrates Sophia's rho; optimizer '{config.optimizer}' has none. Drop --rho-share."),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -314,6 +319,12 @@ class UnlearnResult:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "mask_neurons": self.mask.total() if self.mask else None,
+            "rho": self.config.rho if self.config.optimizer == "sophia" else None,
+            "unclipped_mean": (
+                sum(r.unclipped_fraction for r in self.history) / len(self.history)
+                if self.history and self.config.optimizer == "sophia"
+                else None
+            ),  # fmt: skip
             "device": self.device,
             "warnings": self.warnings,
         }
@@ -756,6 +767,9 @@ def unlearn(
         raise SimuError(f"loss '{config.loss}' with gamma > 0 needs a retain set. Pass --retain.")
     found = _warn_overlap(forget, retain)
     start = time.perf_counter()
+    if config.rho_share is not None:
+        mask = resolve_mask(get_method(config.method), base, forget, retain, config, mask)  # once, for both runs
+        config = dataclasses.replace(config, rho=calibrate_rho(base, forget, retain, config, mask).rho)
     session = _prepare(base, forget, retain, config, mask)
     targets = [tp.target for tp in session.trainables]
     curvature = _curvature(
@@ -822,3 +836,78 @@ def _result(session: _Session, base: LoadedModel, status, stop_reason, error, hi
         device=str(session.device),
         warnings=found,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Sophia's rho, calibrated to a share of unclipped coordinates
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RhoCalibration:
+    """`rho` makes `share` of the probe's coordinate updates unclipped; `probe_rho` is the rho the probe
+    ran with, `quantiles` the |m|/h ratio at shares 0.1, 0.3, 0.5, 0.9 (what another target would pick)."""
+
+    rho: float
+    share: float
+    probe_rho: float
+    probe_steps: int
+    quantiles: dict[str, float]
+
+
+def rho_for_share(ratios: torch.Tensor, share: float) -> float:
+    """The rho at which `share` of the coordinates with these |m|/h ratios are unclipped (|m| < rho h).
+
+    Unclipped iff ratio < rho, so rho is the ratios' `share`-quantile (the next value up, so that the
+    share is reached). `ratios`: 1-D, non-negative, inf allowed (h = 0).
+    """
+    finite = ratios[torch.isfinite(ratios)]
+    if finite.numel() == 0:
+        raise SimuError("no coordinate has curvature yet: the probe needs at least one curvature refresh.")
+    ordered = ratios.sort().values
+    k = min(int(math.ceil(share * ordered.numel())), ordered.numel() - 1)
+    rho = float(ordered[k])
+    return rho if math.isfinite(rho) else float(finite.max()) * (1 + 1e-6)
+
+
+def calibrate_rho(
+    base: LoadedModel,
+    forget: qa.QADataset,
+    retain: qa.QADataset | None,
+    config: UnlearnConfig,
+    mask: NeuronMask | None = None,
+    probe_steps: int | None = None,
+    rounds: int = 2,
+) -> RhoCalibration:
+    """Sophia's rho for `config.rho_share` unclipped coordinates, from probe runs of the run itself.
+
+    Each round runs the first `probe_steps` steps (default: two curvature intervals) on a fresh copy
+    with the current rho and records |m|/h of every trained coordinate after each step; the new rho is
+    their `rho_share`-quantile (`rho_for_share`). The ratios depend a little on the trajectory, which
+    depends on rho, so a second round starts from the first round's value. Without early stops or
+    guards; the base model is not modified. Masked methods need `mask` (else it is computed again).
+    """
+    share = config.rho_share if config.rho_share is not None else 0.3
+    steps = probe_steps or 2 * config.hessian_interval
+    probe = dataclasses.replace(config, steps=steps, rho_share=None, stop_forget_em=None, stop_forget_rouge=None,
+                                stop_forget_loss=None, probe_every=0)  # fmt: skip
+    ratios = torch.empty(0)
+    for _ in range(rounds):
+        session = _prepare(base, forget, retain, probe, mask)
+        targets = [tp.target for tp in session.trainables]
+        curvature = _curvature(probe, session.model, targets, lambda s=session: s.current, _generator(session),
+                               session.autocast)  # fmt: skip
+        seen = []
+        try:
+            for step in range(1, steps + 1):
+                if isinstance(_train_step(session, step, curvature), str):
+                    break
+                seen.append(session.opt.clip_ratios(sample=200_000, seed=step))
+        finally:
+            session.leaves.remove()
+        if not seen:
+            raise SimuError("the loss was not finite in the first step of the rho probe. Lower the learning rate.")
+        ratios = torch.cat(seen)
+        probe = dataclasses.replace(probe, rho=rho_for_share(ratios, share))
+    quantiles = {f"{q:g}": rho_for_share(ratios, q) for q in (0.1, 0.3, 0.5, 0.9)}
+    return RhoCalibration(probe.rho, share, config.rho, steps, quantiles)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -356,3 +357,22 @@ def test_hutchinson_through_slice_leaves_matches_the_exact_hessian_of_the_real_m
     # so n = 1000 probes are needed for several coordinates to be resolved well enough that a factor-2 error
     # in them would break the assertion above (200 probes resolved only one on the test build; 1000 resolve 63).
     assert int((5 * se < 0.5 * exact.abs()).sum()) >= 3
+
+
+# --------------------------------------------------------------------------- rho for a share of unclipped coordinates
+
+
+def test_rho_for_share_leaves_that_share_unclipped():
+    from simu_core.unlearn import rho_for_share
+
+    ratios = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) * 5
+    for share in (0.1, 0.3, 0.5):
+        rho = rho_for_share(ratios, share)
+        assert abs(float((ratios < rho).float().mean()) - share) <= 1e-3  # one coordinate of 10,000 at most
+
+
+def test_rho_for_share_handles_coordinates_without_curvature():
+    from simu_core.unlearn import rho_for_share
+
+    ratios = torch.tensor([0.5, 1.0, float("inf"), float("inf")])
+    assert math.isfinite(rho_for_share(ratios, 0.9)) and rho_for_share(ratios, 0.9) > 1.0
