@@ -169,34 +169,40 @@ def _cached_data(spec: str, home: str = "") -> qa.QADataset:
 
 
 def current_data(role: str) -> qa.QADataset | None:
-    """The session's forget or retain set: an upload if one was accepted, else its spec."""
-    upload = st.session_state.get(f"{role}_upload")
-    if upload is not None:
-        return upload
+    """The session's forget or retain set, read from its spec (an accepted upload is a stored file spec)."""
     spec = st.session_state[f"{role}_spec"]
     require_builtin(spec)
     try:
         return _cached_data(spec, str(simu_home()))
     except Exception as err:
-        show_error(err, f"load the {role} set '{spec}'")
+        show_error(err, f"load the {role} set '{data_label(role)}'")
         return None
 
 
 def data_label(role: str) -> str:
-    upload = st.session_state.get(f"{role}_upload")
-    return f"upload:{upload.name}" if upload is not None else st.session_state[f"{role}_spec"]
+    """The role's data spec as shown to the user: an upload by its stored file name."""
+    spec = st.session_state[f"{role}_spec"]
+    return f"upload {Path(spec).name}" if qa.is_upload(spec) else spec
 
 
-def parse_upload(name: str, content: bytes) -> qa.QADataset:
-    """Validate an uploaded file's bytes (JSONL/JSON/CSV): text only, never unpickled."""
-    try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise SimuError(f"'{name}' is not UTF-8 text (bad byte at position {err.start}). Save it as UTF-8.") from err
-    rows = qa.parse_records(text, Path(name).suffix.lower().lstrip("."), name)
-    if not rows:
-        raise SimuError(f"'{name}' has no rows. Add at least one question/answer row.")
-    return qa.QADataset(Path(name).stem, rows)
+def keep_widget(key: str, default: Any) -> None:
+    """Seed widget `key` from the value kept for it (else `default`) before the widget is drawn.
+
+    Streamlit drops the keys of widgets on pages that are not shown, so a page's choices are kept in a
+    plain session_state dict ("kept") and put back here when the page is drawn again; `remember(key)`
+    (called as the widget's on_change or after it) records a new value.
+    """
+    kept = st.session_state.setdefault("kept", {})
+    if key not in st.session_state:
+        st.session_state[key] = kept.get(key, default)
+
+
+def remember(*keys: str) -> None:
+    """Record the current values of these widgets (see `keep_widget`)."""
+    kept = st.session_state.setdefault("kept", {})
+    for key in keys:
+        if key in st.session_state:
+            kept[key] = st.session_state[key]
 
 
 def sidebar_summary() -> None:

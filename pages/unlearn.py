@@ -9,7 +9,6 @@ import streamlit as st
 
 from pages.common import (
     chart,
-    data_label,
     dataset_key,
     follow_job,
     launch_button,
@@ -174,8 +173,8 @@ def build_config() -> UnlearnConfig:
         seed=int(seed),
         eval_every=int(eval_every),
         model=loaded.spec,
-        forget=data_label("forget"),
-        retain=data_label("retain"),
+        forget=st.session_state["forget_spec"],
+        retain=st.session_state["retain_spec"],
         device=st.session_state["device"],
         mask=mask_config,
         **extra,

@@ -182,12 +182,64 @@ def test_token_attribution_of_a_chosen_forget_example(app):
     assert not app.error, texts(app.error)
 
 
+COMPANIES = b"question,answer\nWho founded Acme Rockets?,Ada Stone.\nWhere is Acme Rockets based?,In Oslo.\n"
+
+
+def upload(at: AppTest, name: str, content: bytes, role: str = "forget") -> AppTest:
+    if at.radio(key=f"{role}_kind").value != "Upload JSONL/CSV":
+        at.radio(key=f"{role}_kind").set_value("Upload JSONL/CSV").run()
+    at.file_uploader(key=f"{role}_file").upload(name, content, "text/csv").run()
+    assert not at.exception, at.exception
+    return at
+
+
 def test_bad_upload_shows_the_validation_error_and_keeps_the_old_set(app):
-    app.radio(key="forget_kind").set_value("Upload JSONL/CSV").run()
-    app.file_uploader(key="forget_file").upload("mine.csv", b"question,reply\nWho?,Me.\n", "text/csv").run()
+    upload(app, "mine.csv", b"question,reply\nWho?,Me.\n")
     errors = " ".join(texts(app.error))
     assert "missing column(s) 'answer'" in errors and "Could not read the uploaded forget file" in errors
-    assert "upload:" not in " ".join(m.value for m in app.sidebar.markdown)
+    assert app.session_state["forget_spec"] == "builtin:forget10"
+
+
+def test_an_accepted_upload_is_stored_and_used_in_the_same_rerun(app, app_home):
+    """(The sidebar reads forget_spec, set by the uploader's callback before the script: browser test.)"""
+    upload(app, "companies.csv", COMPANIES)
+    spec = app.session_state["forget_spec"]
+    assert Path(spec).parent == app_home / "data" / "uploads" and Path(spec).name.startswith("companies-")
+    assert qa.load_data(spec).questions()[0] == "Who founded Acme Rockets?"
+    assert "2 items" in " ".join(m.value for m in app.markdown)
+
+
+def test_a_bad_upload_after_a_good_one_keeps_the_good_one(app):
+    upload(app, "companies.csv", COMPANIES)
+    good = app.session_state["forget_spec"]
+    upload(app, "bad_quote.csv", b'question,answer\nWho?,"Me.\n')
+    assert "unterminated quote" in " ".join(texts(app.error))
+    assert app.session_state["forget_spec"] == good
+
+
+def test_choices_survive_leaving_the_page_and_coming_back(app):
+    upload(app, "companies.csv", COMPANIES)
+    good = app.session_state["forget_spec"]
+    app.selectbox(key="retain_split").set_value("retain05").run()
+    app.radio(key="model_source").set_value("Hugging Face hub id").run()
+    app.text_input(key="model_hub").input("someone/model").run()
+    open_page(app, "runs")
+    open_page(app, "model_data")
+    assert app.radio(key="forget_kind").value == "Upload JSONL/CSV"
+    assert app.session_state["forget_spec"] == good
+    assert app.selectbox(key="retain_split").value == "retain05"
+    assert app.session_state["retain_spec"] == "builtin:retain05"
+    assert app.text_input(key="model_hub").value == "someone/model"
+    assert app.session_state["model_spec"] == "builtin:full"  # typed but not used yet
+
+
+def test_back_to_builtin_split_uses_it_and_back_to_upload_uses_the_upload_again(app):
+    upload(app, "companies.csv", COMPANIES)
+    good = app.session_state["forget_spec"]
+    app.radio(key="forget_kind").set_value("Built-in split").run()
+    assert app.session_state["forget_spec"] == "builtin:forget10"
+    app.radio(key="forget_kind").set_value("Upload JSONL/CSV").run()
+    assert app.session_state["forget_spec"] == good
 
 
 # --------------------------------------------------------------------------- jobs
