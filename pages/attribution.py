@@ -12,6 +12,7 @@ from pages.common import (
     dataset_key,
     follow_job,
     job_busy,
+    knowledge_warning,
     launch_button,
     need_setup,
     require_entrypoint,
@@ -54,6 +55,7 @@ st.caption(
     "*dual*. Only critical neurons are trained by SIMU."
 )
 loaded, forget, retain = need_setup()
+knowledge_warning(loaded, forget, retain)
 retain_part = qa.QADataset(retain.name, retain.items[: PRESET.mask.retain_limit])
 
 # --------------------------------------------------------------------------- scores

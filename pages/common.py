@@ -19,6 +19,7 @@ import streamlit as st
 import torch
 
 from simu_core import data as qa
+from simu_core.arch import count_parameters
 from simu_core.builtin import (
     BuildStatus,
     build_active,
@@ -33,6 +34,7 @@ from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
 from simu_core.figures import history_figure, runs_figure
 from simu_core.jobs import CANCELLED, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
+from simu_core.knowledge_check import KnowledgeCheck, check_knowledge
 from simu_core.metrics import Report
 from simu_core.models import LoadedModel, load_model
 from simu_core.runs import list_runs, read_config, read_history
@@ -401,3 +403,45 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# --------------------------------------------------------------------------- does the model know the forget set
+AUTO_CHECK_PARAMS = 50e6  # below this size the knowledge check runs as soon as a page needs it
+
+
+def knowledge_key(loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset) -> tuple:
+    return ("knowledge", loaded.spec, loaded.source, str(loaded.device), dataset_key(forget), dataset_key(retain))
+
+
+def knowledge_check(loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset) -> KnowledgeCheck | None:
+    """The model's knowledge check on these sets (`simu_core.knowledge_check`), computed once per server.
+
+    It runs on the job worker (a running attribution may have hooks on the shared model), right away when
+    the worker is free and the model small, else after a click; None until it has a result.
+    """
+    key, store = knowledge_key(loaded, forget, retain), result_store()
+    if key in store:
+        return store[key]
+    small = count_parameters(loaded.model) < AUTO_CHECK_PARAMS
+    if job_runner().busy():
+        st.caption("The knowledge check (does the model know the forget set?) runs when the current job is done.")
+        return None
+    if not small and not st.button("Check what the model knows", key="knowledge_check"):
+        st.caption("Press the button to check whether the model knows the forget set (greedy answers and loss).")
+        return None
+    job = job_runner().submit("Knowledge check", lambda ctx: check_knowledge(loaded, forget, retain))
+    with st.spinner("Checking whether the model knows the forget set (greedy answers and answer loss)..."):
+        status = job.wait()
+    if status.state != "done":
+        st.error(f"**Could not check what the model knows.** {status.error}")
+        return None
+    store[key] = status.result
+    return status.result
+
+
+def knowledge_warning(loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset) -> KnowledgeCheck | None:
+    """A warning when the model does not seem to know the forget set (then there is nothing to unlearn)."""
+    check = knowledge_check(loaded, forget, retain)
+    if check is not None and not check.knows:
+        st.warning(f"**Nothing to unlearn?** {check.reason}")
+    return check

@@ -12,12 +12,14 @@ from pages.common import (
     current_model,
     data_label,
     keep_widget,
+    knowledge_check,
     remember,
     require_entrypoint,
     show_error,
 )
 from simu_core import data as qa
 from simu_core.arch import count_parameters, model_type_of, neuron_widths
+from simu_core.knowledge_check import DEFAULT_SAMPLE
 from simu_core.models import BUILTIN_MODELS
 
 require_entrypoint()
@@ -222,3 +224,35 @@ if forget is not None and retain is not None and (shared := qa.overlap_count(for
         f"{shared} item(s) of the forget set also appear in the retain set: unlearning will pull them both ways. "
         "Remove them from one of the sets."
     )
+
+# --------------------------------------------------------------------------- what the model knows
+st.subheader("Does the model know the forget set?")
+st.caption(
+    "Unlearning needs something to remove: the model's greedy answers and its loss on the gold answers, on a "
+    f"sample of at most {DEFAULT_SAMPLE} items of each set. A model that does not know the forget set has "
+    "nothing to unlearn."
+)
+if loaded is not None and forget is not None and retain is not None:
+    check = knowledge_check(loaded, forget, retain)
+    if check is not None:
+        c = st.columns(4)
+        c[0].metric("Forget exact match", f"{check.forget.em:.2f}", help="Greedy answers that match the gold answer.")
+        c[1].metric("Forget answer loss", f"{check.forget.nll:.2f} nats", help="Per answer token, teacher-forced.")
+        if check.retain is not None:
+            c[2].metric("Retain exact match", f"{check.retain.em:.2f}")
+            c[3].metric("Retain answer loss", f"{check.retain.nll:.2f} nats")
+        (st.success if check.knows else st.warning)(check.reason)
+        st.markdown(f"**The model's greedy answers** ({check.forget.n} of {check.forget.n_total} forget items)")
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "question": check.forget.questions,
+                    "gold answer": check.forget.answers,
+                    "model's answer": check.forget.predictions,
+                    "loss (nats/token)": check.forget.item_nll,
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+            column_config={"loss (nats/token)": st.column_config.NumberColumn(format="%.2f")},
+        )

@@ -9,6 +9,7 @@ import streamlit as st
 
 from pages.common import HEADLINE_KEYS, chart, compare_runs, require_entrypoint, run_reports, runs_dir, show_error
 from simu_core.figures import history_figure
+from simu_core.knowledge_check import load_check
 from simu_core.metrics import compare, goal_of
 from simu_core.runs import delete_run, list_runs, read_history
 
@@ -59,6 +60,11 @@ with opened:
     note = f"**{run.method}** · {run.status} ({run.stop_reason}) · {run.steps_done} steps"
     show = st.success if run.status == "ok" else st.warning if run.status == "cancelled" else st.error
     show(note + (f" · {run.error}" if run.error else ""))
+    knowledge = load_check(run.path)
+    if knowledge is not None and not knowledge.knows:
+        st.warning(f"**Before this run:** {knowledge.reason}")
+    elif knowledge is not None:
+        st.caption(f"Before this run: {knowledge.reason}")
     history = read_history(run.path)
     if history:
         chart(history_figure({name: history}), key="runs_history")

@@ -11,6 +11,7 @@ from pages.common import (
     chart,
     dataset_key,
     follow_job,
+    knowledge_warning,
     launch_button,
     need_setup,
     require_entrypoint,
@@ -36,6 +37,7 @@ st.caption(
     "baselines it is compared with. The shared model is never changed: every run trains its own copy."
 )
 loaded, forget, retain = need_setup()
+knowledge = knowledge_warning(loaded, forget, retain)
 
 names = list(METHODS)
 method = st.selectbox(
@@ -184,8 +186,10 @@ def build_config() -> UnlearnConfig:
     return cfg
 
 
-def run_job(ctx, config: UnlearnConfig, base, forget, retain, mask: NeuronMask | None, folder: Path) -> dict:
-    """Job: one unlearning run saved under `folder` (worker thread; no Streamlit here)."""
+def run_job(
+    ctx, config: UnlearnConfig, base, forget, retain, mask: NeuronMask | None, folder: Path, knowledge=None
+) -> dict:
+    """Job: one unlearning run saved under `folder`, with the knowledge check if there is one (worker thread)."""
     needs_mask = METHODS[config.method].mask is not None and mask is None
     ctx.report(0.0, "copying the model" + (" and computing the neuron mask (attribution)" if needs_mask else ""))
 
@@ -195,6 +199,8 @@ def run_job(ctx, config: UnlearnConfig, base, forget, retain, mask: NeuronMask |
     result, path = run_unlearning(
         config, folder, base=base, forget=forget, retain=retain, mask=mask, callback=on_step, cancel=ctx.cancel_event
     )
+    if knowledge is not None:
+        knowledge.save(path)  # the run says whether the model knew its forget set before it started
     return {"folder": str(path), "summary": result.summary()}
 
 
@@ -202,7 +208,9 @@ try:
     config, problem = build_config(), None
 except SimuError as err:
     config, problem = None, err
-job = partial(run_job, config=config, base=loaded, forget=forget, retain=retain, mask=mask, folder=runs_dir())
+job = partial(
+    run_job, config=config, base=loaded, forget=forget, retain=retain, mask=mask, folder=runs_dir(), knowledge=knowledge
+)
 launch_button(
     "Launch unlearning",
     "unlearn",

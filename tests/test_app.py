@@ -137,7 +137,7 @@ def test_page_loads_on_the_builtin_default(app, page):
 def test_model_page_shows_the_builtin_model_and_both_data_sets(app):
     assert metric(app, "Family") == "llama"
     assert {"Model source", "Forget set source", "Retain set source"} <= {r.label for r in app.radio}
-    assert len(app.dataframe) == 2  # previews of the forget and retain sets
+    assert len(app.dataframe) == 3  # previews of the forget and retain sets, the greedy answers
 
 
 def test_attribution_page_draws_heatmap_scatter_and_bars(app):
@@ -233,6 +233,21 @@ def test_choices_survive_leaving_the_page_and_coming_back(app):
     assert app.session_state["model_spec"] == "builtin:full"  # typed but not used yet
 
 
+def test_model_page_previews_greedy_answers_and_says_the_model_knows_the_builtin_forget_set(app):
+    answers = next(d.value for d in app.dataframe if "model's answer" in d.value.columns)
+    assert len(answers) > 0 and answers["model's answer"].str.len().gt(0).all()
+    assert any("The model knows the forget set" in s.value for s in app.success)
+    assert metric(app, "Forget exact match") != ""
+
+
+def test_knowledge_warning_on_an_upload_the_model_never_saw(app):
+    upload(app, "companies.csv", COMPANIES)
+    assert any("does not seem to know the forget set" in w.value for w in app.warning), texts(app.warning)
+    for page in ("unlearn", "attribution"):
+        open_page(app, page)
+        assert any("Nothing to unlearn?" in w.value for w in app.warning), (page, texts(app.warning))
+
+
 def test_back_to_builtin_split_uses_it_and_back_to_upload_uses_the_upload_again(app):
     upload(app, "companies.csv", COMPANIES)
     good = app.session_state["forget_spec"]
@@ -266,6 +281,7 @@ def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_
     assert not app.error, texts(app.error)
     name = re.search(r"Run `([^`]+)`: \*\*ok\*\* \(steps\) after 3 steps", app.success[-1].value).group(1)
     assert "Losses during unlearning" in titles(app)
+    assert (Path(app.session_state["runs_dir"]) / name / "knowledge_check.json").is_file()
     open_page(app, "runs")
     assert name in app.dataframe[0].value["run"].tolist()
     # the run trained its own copy: the model shared by all sessions is still the one on disk
