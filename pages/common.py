@@ -135,8 +135,8 @@ def show_build_progress(status: BuildStatus | None, waiting_for: tuple[str, ...]
     if status is None or status.state != "running":
         st.progress(0.0, text="Starting the build process...")
         return
-    eta = "estimating the time left" if status.eta_seconds is None else f"about {_duration(status.eta_seconds)} left"
-    st.progress(status.fraction, text=f"{status.message} · {_duration(time.time() - status.started)} · {eta}")
+    eta = "estimating the time left" if status.eta_seconds is None else f"about {duration(status.eta_seconds)} left"
+    st.progress(status.fraction, text=f"{status.message} · {duration(time.time() - status.started)} · {eta}")
     marks = {"ok": "✅", "building": "⏳"}
     st.caption(
         "  ·  ".join(f"{marks.get(state, '▫️')} {part}" for part, state in status.parts.items())
@@ -256,19 +256,24 @@ def job_busy(key: str) -> bool:
     return job is not None and job.snapshot().state not in FINISHED
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as "42 s" or "3 min 05 s"."""
     seconds = int(round(seconds))
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-def show_progress(status: JobStatus) -> None:
-    """A queued notice, or a progress bar with the message, elapsed time and ETA."""
+def eta_text(status: JobStatus) -> str:
+    """ "about X left" at the rate so far, or "estimating the time left" before a tenth of the job is done."""
+    eta = status.eta_seconds
+    return "estimating the time left" if eta is None else f"about {duration(eta)} left"
+
+
+def show_progress(status: JobStatus, eta: Callable[[JobStatus], str] = eta_text) -> None:
+    """A queued notice, or a progress bar with the message, elapsed time and `eta(status)`."""
     if status.state == QUEUED:
         st.info(f"⏳ **{status.name}** is waiting: {status.message}. It starts when the job ahead finishes.")
         return
-    eta = status.records[-1].get("eta") if status.records and "eta" in status.records[-1] else status.eta_seconds
-    text = f"{status.name}: {status.message} · {_duration(status.elapsed)} elapsed"
-    text += f" · about {_duration(eta)} left" if eta is not None else ""
+    text = f"{status.name}: {status.message} · {duration(status.elapsed)} elapsed · {eta(status)}"
     st.progress(min(1.0, max(0.0, status.progress)), text=text)
 
 
@@ -280,7 +285,8 @@ def show_job_outcome(status: JobStatus, doing: str) -> None:
             with st.expander("Details (traceback)"):
                 st.code(status.traceback, language="text")
     elif status.state == CANCELLED:
-        st.warning(f"**{status.name}** was cancelled ({status.message}).")
+        why = "" if status.message in ("cancelled", "") else f" ({status.message})"
+        st.warning(f"**{status.name}** was cancelled{why}.")
 
 
 def follow_job(
@@ -289,11 +295,12 @@ def follow_job(
     live: Callable[[JobStatus], None] | None = None,
     every: float = 0.5,
     ready: Callable[[], bool] | None = None,
+    eta: Callable[[JobStatus], str] = eta_text,
 ) -> JobStatus | None:
     """Show this session's job `key`; returns its status once it has finished, else None.
 
     While it runs, a fragment polls its status every `every` seconds and draws the progress bar,
-    `live(status)` (e.g. loss curves) and a Cancel button; the whole page reruns when the job ends,
+    `live(status)` (e.g. loss curves) and a Cancel button (`eta(status)`: the time-left text); the whole page reruns when the job ends,
     or earlier once `ready()` is true (a part of the results the page can already show).
     """
     job = session_job(key)
@@ -309,7 +316,7 @@ def follow_job(
         now = job.snapshot()
         if now.state in FINISHED or (ready is not None and ready()):
             st.rerun()
-        show_progress(now)
+        show_progress(now, eta)
         if live is not None:
             live(now)
         if not job.cancel_event.is_set() and st.button("Cancel", key=f"cancel_{key}", help="Stop between two steps."):

@@ -10,6 +10,8 @@ import streamlit as st
 from pages.common import (
     chart,
     dataset_key,
+    duration,
+    eta_text,
     follow_job,
     knowledge_warning,
     launch_button,
@@ -17,12 +19,13 @@ from pages.common import (
     require_entrypoint,
     result_store,
     runs_dir,
+    session_job,
     show_error,
 )
 from simu_core.config import MaskConfig, UnlearnConfig
 from simu_core.errors import SimuError
 from simu_core.figures import history_figure
-from simu_core.jobs import DONE
+from simu_core.jobs import DONE, eta_to_stop
 from simu_core.masks import MLP_PARTS, make_mask
 from simu_core.neurons import NeuronMask
 from simu_core.optim import ESTIMATORS
@@ -229,7 +232,30 @@ def live(status) -> None:
         chart(history_figure({"run": status.records}, "Losses so far"), key="ul_live")
 
 
-status = follow_job("unlearn", "run the unlearning", live=live)
+def unlearn_eta(status) -> str:
+    """Time left to the step budget and, when the run stops early on a forget target, to the expected stop."""
+    job = session_job("unlearn")
+    cfg = job.fn.keywords.get("config") if job is not None and isinstance(job.fn, partial) else None
+    steps = status.records[-1]["steps"] if status.records else None
+    text = eta_text(status).replace(" left", f" left to the {steps}-step budget" if steps else " left")
+    targets = [] if cfg is None else [
+        (key, value, label) for key, value, label in (
+            ("forget_em", cfg.stop_forget_em, "forget exact match"),
+            ("forget_rouge", cfg.stop_forget_rouge, "forget ROUGE-L"),
+            ("forget_nll", cfg.stop_forget_loss, "forget loss"),
+        ) if value is not None
+    ]  # fmt: skip
+    if not targets or status.eta_seconds is None:
+        return text + (" (it may stop earlier when the forget target is met)" if targets else "")
+    stops = [(eta_to_stop(status, key, value), label, value) for key, value, label in targets]
+    known = [s for s in stops if s[0] is not None]
+    if not known:
+        return text + " · early stop: no trend towards the forget target yet"
+    seconds, label, value = min(known)
+    return text + f" · about {duration(seconds)} to the expected early stop ({label} → {value:g})"
+
+
+status = follow_job("unlearn", "run the unlearning", live=live, eta=unlearn_eta)
 if status is not None and status.result:
     summary, folder = status.result["summary"], Path(status.result["folder"])
     st.session_state["last_run"] = folder.name

@@ -49,12 +49,79 @@ class JobStatus:
             return 0.0
         return (self.finished or time.time()) - self.started
 
+    anchor: tuple[float, float] | None = None  # (time, progress) of the first report with progress > 0
+
     @property
     def eta_seconds(self) -> float | None:
-        """Remaining seconds extrapolated from progress so far (None until there is some)."""
-        if self.state != RUNNING or self.progress <= 0:
+        """Seconds left at the rate measured so far; None ("estimating") before `ETA_AFTER` of the job is done.
+
+        The rate is taken from the first report with some progress (`anchor`) to now, so set-up work before
+        the first step (copying a model, computing a mask) does not make every later step look slower, and
+        a job that jumps to some fraction at once and then says nothing (no measured rate) gets no estimate.
+        """
+        if self.state != RUNNING:
             return None
-        return self.elapsed * (1 - self.progress) / self.progress
+        return eta_from_rate(self.anchor, self.progress, time.time())
+
+
+ETA_AFTER = 0.1  # no estimate before this fraction of a job is done: early rates mislead
+
+
+def eta_from_rate(anchor: tuple[float, float] | None, progress: float, now: float) -> float | None:
+    """Seconds left at the mean rate since `anchor` (time, progress); None before `ETA_AFTER` or without a rate."""
+    if anchor is None or progress < ETA_AFTER or progress <= anchor[1] or now <= anchor[0]:
+        return None
+    return (now - anchor[0]) / (progress - anchor[1]) * (1 - progress)
+
+
+def steps_to_target(points: list[tuple[float, float]], target: float, last: int = 4) -> float | None:
+    """The step at which a probe value (e.g. the forget exact match) reaches `target`, from its recent trend.
+
+    `points` are (step, value) pairs, oldest first; a least-squares line through the `last` of them is
+    extrapolated to `target`. Returns the current step when the last value is already at or past the
+    target, None when there are fewer than two points or the trend does not move towards the target.
+    """
+    if not points:
+        return None
+    step, value = points[-1]
+    going_down = points[0][1] >= target
+    if (value <= target) if going_down else (value >= target):
+        return step
+    recent = points[-last:]
+    if len(recent) < 2:
+        return None
+    n = len(recent)
+    mx, my = sum(p[0] for p in recent) / n, sum(p[1] for p in recent) / n
+    sxx = sum((p[0] - mx) ** 2 for p in recent)
+    if sxx == 0:
+        return None
+    slope = sum((p[0] - mx) * (p[1] - my) for p in recent) / sxx
+    if slope == 0 or (slope > 0) == going_down:
+        return None
+    return max(step, mx + (target - my) / slope)
+
+
+def eta_to_stop(status: JobStatus, key: str, target: float) -> float | None:
+    """Seconds until a step-based job is expected to stop early: when its probe `key` reaches `target`.
+
+    The job's records carry `step`, `steps` and, on probe steps, `key` (e.g. the unlearning's `forget_em`);
+    the stop step comes from `steps_to_target` (capped at the step budget) and the seconds per step from
+    the job's own rate (`eta_seconds`). None while either is unknown.
+    """
+    if not status.records or (budget := status.eta_seconds) is None:
+        return None
+    points = [(r["step"], r[key]) for r in status.records if r.get(key) is not None]
+    stop = steps_to_target(points, target)
+    step, steps = status.records[-1]["step"], status.records[-1]["steps"]
+    if stop is None or steps <= step:
+        return None
+    return budget * (min(stop, steps) - step) / (steps - step)
+
+
+def item_weighted(sizes: list[int], index: int, fraction: float) -> float:
+    """Progress over several data sets done one after another, each weighted by its size (items)."""
+    total = sum(sizes)
+    return (sum(sizes[:index]) + fraction * sizes[index]) / total if total else 0.0
 
 
 class JobContext:
@@ -74,6 +141,8 @@ class JobContext:
             status = self._job.status
             if progress is not None:
                 status.progress = min(1.0, max(0.0, progress))
+                if status.anchor is None and status.progress > 0:
+                    status.anchor = (time.time(), status.progress)
             if message is not None:
                 status.message = message
             if record:
