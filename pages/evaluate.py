@@ -74,7 +74,8 @@ def evaluate_job(ctx, run_path: Path, device: str, max_items: int) -> str | None
             stage["n"] += 1
             stage["label"] = "base model (before)" if "base model" in message else "unlearned model (after)"
             return
-        ctx.report((max(stage["n"], 0) + fraction) / 2, f"{stage['label']}: {message}")
+        # 90% for the two models' metrics, the rest for the report (charts) written after them
+        ctx.report(0.9 * (max(stage["n"], 0) + fraction) / 2, f"{stage['label']}: {message}")
 
     try:
         files = evaluate_specs(run=run_path, device=device, config=EvalConfig(max_items=max_items), progress=progress)

@@ -245,12 +245,12 @@ def unlearn_eta(status) -> str:
             ("forget_nll", cfg.stop_forget_loss, "forget loss"),
         ) if value is not None
     ]  # fmt: skip
-    if not targets or status.eta_seconds is None:
-        return text + (" (it may stop earlier when the forget target is met)" if targets else "")
+    if not targets:
+        return text
     stops = [(eta_to_stop(status, key, value), label, value) for key, value, label in targets]
     known = [s for s in stops if s[0] is not None]
     if not known:
-        return text + " · early stop: no trend towards the forget target yet"
+        return text + " · early stop when the forget target is met: no trend towards it yet"
     seconds, label, value = min(known)
     return text + f" · about {duration(seconds)} to the expected early stop ({label} → {value:g})"
 

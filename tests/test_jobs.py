@@ -3,6 +3,7 @@
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from simu_core import jobs
@@ -106,10 +107,21 @@ def test_status_eta_follows_the_reports_of_a_running_job():
     assert job.wait(10).eta_seconds is None  # finished: no estimate
 
 
-def test_steps_to_target_extrapolates_the_recent_trend():
-    points = [(10, 0.9), (20, 0.7), (30, 0.5)]  # -0.02 per step
-    assert jobs.steps_to_target(points, 0.05) == pytest.approx(52.5)
-    assert jobs.steps_to_target([(10, 2.0), (20, 3.0)], 6.0) == pytest.approx(50.0)  # a loss rising to a target
+def test_steps_to_target_fits_a_falling_rate_as_an_exponential_decay():
+    points = [(10, 0.8), (20, 0.4), (30, 0.2)]  # halves every 10 steps: 0.05 two halvings after step 30
+    assert jobs.steps_to_target(points, 0.05) == pytest.approx(50.0)
+    fit = np.polyfit([10, 20, 30, 40], np.log([0.9, 0.5, 0.35, 0.2]), 1)  # the reference least squares
+    expected = (np.log(0.05) - fit[1]) / fit[0]
+    assert expected > 50  # after the next probe
+    assert jobs.steps_to_target([(10, 0.9), (20, 0.5), (30, 0.35), (40, 0.2)], 0.05) == pytest.approx(expected)
+
+
+def test_steps_to_target_fits_a_rising_loss_as_a_line():
+    assert jobs.steps_to_target([(10, 2.0), (20, 3.0)], 6.0) == pytest.approx(50.0)
+
+
+def test_the_stop_is_never_before_the_next_probe():
+    assert jobs.steps_to_target([(10, 0.9), (20, 0.06)], 0.05) == 30
 
 
 def test_steps_to_target_without_a_trend_towards_it():
@@ -125,9 +137,9 @@ def test_item_weighted_progress():
 
 
 def test_eta_to_stop_scales_the_budget_eta_by_the_steps_to_the_expected_stop():
-    records = [{"step": i, "steps": 100, **({"forget_em": 1.0 - i / 40} if i % 10 == 0 else {})} for i in range(1, 31)]
-    status = jobs.JobStatus(1, "x", state=jobs.RUNNING, progress=0.3, records=records, anchor=(time.time() - 30, 0.01))
-    budget = status.eta_seconds  # ~ 30 s for 0.29 of the job: ~ 72 s for the 70 steps left
-    stop = jobs.eta_to_stop(status, "forget_em", 0.05)  # EM 1 - step/40 reaches 0.05 at step 38: 8 steps left
-    assert stop == pytest.approx(budget * 8 / 70, rel=0.05)
+    records = [{"step": i, "steps": 100, **({"forget_em": 0.5 ** (i / 10)} if i % 10 == 0 else {})} for i in range(1, 32)]
+    status = jobs.JobStatus(1, "x", state=jobs.RUNNING, progress=0.31, records=records, anchor=(time.time() - 30, 0.01))
+    budget = status.eta_seconds  # ~ 30 s for 0.3 of the job: ~ 69 s for the 69 steps left
+    stop = jobs.eta_to_stop(status, "forget_em", 0.05)  # EM halves every 10 steps: 0.05 at step 43.2
+    assert stop == pytest.approx(budget * (10 * np.log2(20) - 31) / 69, rel=0.01)
     assert jobs.eta_to_stop(status, "forget_nll", 5.0) is None  # never probed
