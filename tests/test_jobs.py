@@ -137,7 +137,9 @@ def test_item_weighted_progress():
 
 
 def test_eta_to_stop_scales_the_budget_eta_by_the_steps_to_the_expected_stop():
-    records = [{"step": i, "steps": 100, **({"forget_em": 0.5 ** (i / 10)} if i % 10 == 0 else {})} for i in range(1, 32)]
+    records = [
+        {"step": i, "steps": 100, **({"forget_em": 0.5 ** (i / 10)} if i % 10 == 0 else {})} for i in range(1, 32)
+    ]
     status = jobs.JobStatus(1, "x", state=jobs.RUNNING, progress=0.31, records=records, anchor=(time.time() - 30, 0.01))
     budget = status.eta_seconds  # ~ 30 s for 0.3 of the job: ~ 69 s for the 69 steps left
     stop = jobs.eta_to_stop(status, "forget_em", 0.05)  # EM halves every 10 steps: 0.05 at step 43.2
