@@ -38,6 +38,7 @@ from simu_core.knowledge_check import KnowledgeCheck, check_knowledge
 from simu_core.metrics import Report
 from simu_core.models import LoadedModel, load_model
 from simu_core.runs import list_runs, read_config, read_history
+from simu_core.unlearn import METHODS
 
 if os.environ.get("SIMU_THREADS"):  # e.g. SIMU_THREADS=1 on a busy shared machine; default: torch's own choice
     torch.set_num_threads(int(os.environ["SIMU_THREADS"]))
@@ -375,11 +376,11 @@ def run_reports(folder: Path) -> tuple[Report | None, Report | None]:
 
 def compare_runs(records: list) -> None:
     """Several runs side by side: the settings that differ, training summaries, metrics and loss curves."""
-    configs = {r.name: _flat(to_dict(read_config(r.path))) for r in records}
+    configs = {r.name: _settings(read_config(r.path)) for r in records}
     differ = sorted(k for k in set().union(*configs.values()) if len({str(c.get(k)) for c in configs.values()}) > 1)
     rows = {
         r.name: {
-            **{k: configs[r.name].get(k) for k in differ},
+            **{k: configs[r.name].get(k, "–") for k in differ},
             "status": r.status,
             "steps done": r.steps_done,
             "seconds": r.seconds,
@@ -392,7 +393,8 @@ def compare_runs(records: list) -> None:
     for name, report in reports.items():
         if report is not None:
             rows[name].update({k: report.summary.get(k) for k in HEADLINE_KEYS})
-    st.dataframe(pd.DataFrame(rows).astype(str), width="stretch")
+    table = pd.DataFrame({name: {k: _short(v) for k, v in row.items()} for name, row in rows.items()})
+    st.dataframe(table, width="stretch")
     st.caption("Rows: the settings that differ between the runs, then training results and (if evaluated) metrics.")
     chart(history_figure({r.name: read_history(r.path) for r in records}, "Losses of the compared runs"))
     evaluated = {name: rep for name, rep in reports.items() if rep is not None}
@@ -400,6 +402,24 @@ def compare_runs(records: list) -> None:
         chart(runs_figure(evaluated, list(COMPARE_KEYS)))
     elif len(evaluated) < len(records):
         st.caption("Evaluate the runs (Evaluate page) to compare their metrics too.")
+
+
+def _settings(config) -> dict:
+    """A run's settings as flat keys; a method without a neuron mask shows no mask settings."""
+    flat = _flat(to_dict(config))
+    method = METHODS.get(getattr(config, "method", ""))
+    if method is not None and method.mask is None:
+        flat = {k: v for k, v in flat.items() if not k.startswith("mask")}
+    return flat
+
+
+def _short(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, None as a dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
@@ -105,6 +106,15 @@ if after is None or job_busy("evaluate"):  # a running evaluation may have writt
         st.stop()
 
 
+def plain(reason: str) -> str:
+    """A skip reason in the user's words (the library names its setting)."""
+    return re.sub(
+        r"no (\w+) inputs on '([^']+)' \(EvalConfig\.skip_inputs\)",
+        r"not computed on the \2 split (the \1 step is left out there to save time)",
+        reason,
+    )
+
+
 def answers_table(after, before, split: str) -> pd.DataFrame:
     """One row per evaluated item: question, gold answer, greedy answers and scores before and after."""
     res, prev = after.splits[split], before.splits.get(split) if before else None
@@ -138,7 +148,8 @@ for col, (key, label) in zip(cols, HEADLINE.items(), strict=True):
         None if d is None or d.delta is None else (f"{d.delta:+.3g}" if changed else "no change"),
         delta_color=DELTA_COLOR.get(d.goal, "off") if changed else "off",
         delta_arrow="auto" if changed else "off",
-        help=(metric.doc if metric else "") + (f" Skipped: {after.skipped[key]}" if key in after.skipped else ""),
+        help=(metric.doc if metric else "")
+        + (f" Skipped: {plain(after.skipped[key])}" if key in after.skipped else ""),
     )
 st.caption(
     f"After = `{after.model}`, before = `{before.model if before else '–'}`, reference = `{after.reference}`. "
@@ -178,7 +189,7 @@ with tabs[-1]:
         table = [{"metric": k, "goal": goal_of(k), "after": v} for k, v in after.summary.items()]
     st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
     for key, reason in after.skipped.items():
-        st.caption(f"`{key}` skipped: {reason}")
+        st.caption(f"`{key}` skipped: {plain(reason)}")
 
 report = run.path / "report.html"
 if report.is_file():

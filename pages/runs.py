@@ -113,7 +113,8 @@ with opened:
         except Exception as err:
             show_error(err, f"delete run '{name}'")
         else:
-            st.session_state.pop("last_run", None)
+            for key in ("last_run", "runs_compare", "ev_compare"):  # choices that named the deleted run
+                st.session_state.pop(key, None)
             st.toast(f"Deleted run {name}")
             st.rerun()
 
@@ -122,4 +123,8 @@ with compared:
     if len(chosen) >= 2:
         compare_runs([by_name[n] for n in chosen])
     else:
-        st.info("Pick at least two runs.")
+        st.info(
+            f"Pick two or more of the {len(names)} runs to compare them."
+            if len(names) >= 2
+            else "Compare needs two runs."
+        )

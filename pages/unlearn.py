@@ -13,6 +13,7 @@ from pages.common import (
     duration,
     eta_text,
     follow_job,
+    job_busy,
     knowledge_warning,
     launch_button,
     need_setup,
@@ -51,7 +52,10 @@ method = st.selectbox(
     help="random_mask is the control for SIMU: a random mask with the same number of neurons per layer.",
 )
 preset = preset_config(method)
-st.caption(f"Presets: {PRESET_NOTES}.")
+st.caption(
+    "Each method starts from settings that worked well on the built-in benchmark (its preset); change them freely.",
+    help=f"Presets: {PRESET_NOTES}.",
+)
 
 
 def field(col, label: str, name: str, help: str, **kw):
@@ -255,7 +259,13 @@ def unlearn_eta(status) -> str:
     return text + f" · about {duration(seconds)} to the expected early stop ({label} → {value:g})"
 
 
-status = follow_job("unlearn", "run the unlearning", live=live, eta=unlearn_eta)
+last = session_job("unlearn")
+last_config = last.fn.keywords.get("config") if last is not None and isinstance(last.fn, partial) else None
+if last_config is not None and last_config.method != method and not job_busy("unlearn"):
+    status = None  # the last run was another method's: its outcome is not this launch button's
+    st.caption(f"The last run ({last_config.method}) is on the **Runs** page.")
+else:
+    status = follow_job("unlearn", "run the unlearning", live=live, eta=unlearn_eta)
 if status is not None and status.result:
     summary, folder = status.result["summary"], Path(status.result["folder"])
     st.session_state["last_run"] = folder.name

@@ -282,6 +282,8 @@ def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_
     name = re.search(r"Run `([^`]+)`: \*\*ok\*\* \(steps\) after 3 steps", app.success[-1].value).group(1)
     assert "Losses during unlearning" in titles(app)
     assert (Path(app.session_state["runs_dir"]) / name / "knowledge_check.json").is_file()
+    app.selectbox(key="ul_method").set_value("ga").run()  # another method: the simu run's outcome goes away
+    assert not any(s.value.startswith("Run `") for s in app.success)
     open_page(app, "runs")
     assert name in app.dataframe[0].value["run"].tolist()
     # the run trained its own copy: the model shared by all sessions is still the one on disk
@@ -294,7 +296,7 @@ def test_cancel_stops_a_running_unlearning_job(app):
     poll(app, lambda a: any("step " in p.proto.text for p in a.get("progress")), "the first steps")
     app.button(key="cancel_unlearn").click().run()
     poll(app, lambda a: a.warning, "the cancelled notice", seconds=60)
-    assert "was cancelled" in app.warning[0].value
+    assert "was cancelled" in app.warning[0].value and "(cancelled)" not in app.warning[0].value
     assert any(r.status == "cancelled" for r in list_runs(Path(app.session_state["runs_dir"])))
 
 
@@ -357,3 +359,20 @@ def test_evaluate_page_shows_before_and_after_for_a_run(app, library_run):
     columns = set(app.dataframe[0].value.columns)
     assert {"question", "gold answer", "answer before", "answer after"} <= columns
     assert (library_run / "report.html").is_file()
+
+
+def test_compare_shows_short_numbers_and_no_mask_settings_for_a_method_without_a_mask(
+    app, library_run, full_model, builtin_dir, app_home
+):
+    config = preset_config("so_graddiff", steps=2, batch_size=8, retain_batch_size=8, probe_every=0, device="cpu")
+    config.stop_forget_em = None
+    forget, retain = qa.load_data(config.forget, root=builtin_dir), qa.load_data(config.retain, root=builtin_dir)
+    _, other = run_unlearning(config, app_home / "runs", base=full_model, forget=forget, retain=retain)
+    open_page(app, "runs")
+    app.multiselect(key="runs_compare").set_value([library_run.name, other.name]).run()
+    table = next(d.value for d in app.dataframe if library_run.name in d.value.columns)
+    assert table.loc["method", other.name] == "so_graddiff"
+    assert all(v == "–" for k, v in table[other.name].items() if k.startswith("mask"))  # so_graddiff has no mask
+    loss = table.loc["forget loss", other.name]
+    raw = next(r.forget_loss for r in list_runs(app_home / "runs") if r.name == other.name)
+    assert loss == f"{raw:.4g}" != str(raw)  # 4 significant digits, not 17
