@@ -23,6 +23,7 @@ from pages.common import (
 from simu_core.errors import SimuError
 from simu_core.evaluation import default_reference, evaluate_specs
 from simu_core.figures import split_bars_figure
+from simu_core.knowledge_check import load_check
 from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, goal_of
 from simu_core.runs import read_config
 
@@ -61,6 +62,9 @@ name = st.selectbox(
 )
 run = by_name[name]
 run_config = read_config(run.path)
+knowledge = load_check(run.path)
+if knowledge is not None and not knowledge.knows:
+    st.warning(f"**Before this run:** {knowledge.reason}")
 require_builtin(run_config.model, default_reference(run_config.model, run_config.forget))  # reference may be building
 
 

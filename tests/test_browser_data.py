@@ -125,6 +125,7 @@ def test_an_uploaded_set_is_unlearned_evaluated_and_used_for_a_path(page, files)
 
     nav(page, "Evaluate")
     settle(page)
+    page.get_by_text("Before this run:").wait_for()  # the run kept its knowledge check
     items = page.get_by_label("Items per split (at most)", exact=True)
     items.fill("8")
     items.press("Enter")
