@@ -294,6 +294,8 @@ def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_
 def test_cancel_stops_a_running_unlearning_job(app):
     launch_unlearning(app, steps=5000, method="fo_graddiff")  # no mask to compute: steps start at once
     poll(app, lambda a: any("step " in p.proto.text for p in a.get("progress")), "the first steps")
+    text = next(p.proto.text for p in app.get("progress") if "step " in p.proto.text)
+    assert re.search(r"elapsed · (estimating the time|about .+) left to the 5000-step budget$", text), text
     app.button(key="cancel_unlearn").click().run()
     poll(app, lambda a: a.warning, "the cancelled notice", seconds=60)
     assert "was cancelled" in app.warning[0].value and "(cancelled)" not in app.warning[0].value
