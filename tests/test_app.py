@@ -248,6 +248,17 @@ def test_knowledge_warning_on_an_upload_the_model_never_saw(app):
         assert any("Nothing to unlearn?" in w.value for w in app.warning), (page, texts(app.warning))
 
 
+def test_a_mistyped_hub_id_fails_at_once_with_one_clear_message(app):
+    app.radio(key="model_source").set_value("Hugging Face hub id").run()
+    app.text_input(key="model_hub").input("EleutherAl/pythia-70m").run()
+    start = time.perf_counter()
+    next(b for b in app.button if b.label == "Use this model").click().run()
+    assert time.perf_counter() - start < 5
+    error = " ".join(texts(app.error))
+    assert "Could not load the model 'EleutherAl/pythia-70m'" in error and "not in the local Hugging Face cache" in error
+    assert ".." not in error and error.lower().count("could not load") == 1
+
+
 def test_back_to_builtin_split_uses_it_and_back_to_upload_uses_the_upload_again(app):
     upload(app, "companies.csv", COMPANIES)
     good = app.session_state["forget_spec"]
