@@ -255,7 +255,9 @@ def test_a_mistyped_hub_id_fails_at_once_with_one_clear_message(app):
     next(b for b in app.button if b.label == "Use this model").click().run()
     assert time.perf_counter() - start < 5
     error = " ".join(texts(app.error))
-    assert "Could not load the model 'EleutherAl/pythia-70m'" in error and "not in the local Hugging Face cache" in error
+    assert (
+        "Could not load the model 'EleutherAl/pythia-70m'" in error and "not in the local Hugging Face cache" in error
+    )
     assert ".." not in error and error.lower().count("could not load") == 1
 
 
