@@ -12,6 +12,7 @@ from pages.common import (
     dataset_key,
     follow_job,
     job_busy,
+    knowledge_warning,
     launch_button,
     need_setup,
     require_entrypoint,
@@ -24,6 +25,7 @@ from simu_core import data as qa
 from simu_core import figures
 from simu_core.arch import count_parameters
 from simu_core.errors import SimuError
+from simu_core.jobs import item_weighted
 from simu_core.masks import DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, trainable_count
 from simu_core.neurons import param_counts
 from simu_core.unlearn import preset_config
@@ -54,6 +56,7 @@ st.caption(
     "*dual*. Only critical neurons are trained by SIMU."
 )
 loaded, forget, retain = need_setup()
+knowledge_warning(loaded, forget, retain)
 retain_part = qa.QADataset(retain.name, retain.items[: PRESET.mask.retain_limit])
 
 # --------------------------------------------------------------------------- scores
@@ -86,12 +89,13 @@ store = result_store()
 def compute_scores(ctx, loaded, todo: dict, method: str, steps: int, store: dict) -> None:
     """Job: the scores of each data set in `todo` ({role: (dataset, key)}), each stored under its key as soon
     as it is ready, so the page can draw the forget scores while the retain scores are computed (worker thread)."""
+    sizes = [len(dataset) for dataset, _ in todo.values()]  # progress by items: the retain part is the larger
     for i, (role, (dataset, key)) in enumerate(todo.items()):
 
         def progress(message: str, fraction: float, i: int = i, role: str = role, n: int = len(dataset)) -> None:
             if ctx.cancelled:
                 raise SimuError("cancelled")
-            ctx.report((i + fraction) / len(todo), f"{role} set ({n} items): {message}")
+            ctx.report(item_weighted(sizes, i, fraction), f"{role} set ({n} items): {message}")
 
         try:
             store[key] = att.attribute(loaded, dataset, method=method, steps=steps, progress=progress)
@@ -263,8 +267,19 @@ token_key = ("tokens", loaded.spec, loaded.source, str(loaded.device), item["que
 
 def explain(ctx, loaded, question: str, answer: str, key: tuple, store: dict) -> tuple:
     """Job: the token-level attribution of one example (worker thread)."""
-    ctx.report(0.1, "integrated gradients on the embeddings")
-    store[key] = att.token_attribution(loaded, question, answer)
+    enc = qa.encode(loaded.tokenizer, loaded.fmt, question, answer, max_length=10_000)
+    expected = 3 * max(1, len(enc.ids) - enc.n_prompt)  # Captum: about 3 forward passes per answer token
+    calls = [0]
+
+    def count(*_) -> None:  # progress = forward passes so far (the hook only counts)
+        calls[0] += 1
+        ctx.report(min(0.99, calls[0] / expected), f"integrated gradients on the embeddings: pass {calls[0]}")
+
+    hook = loaded.model.register_forward_hook(count)
+    try:
+        store[key] = att.token_attribution(loaded, question, answer)
+    finally:
+        hook.remove()
     return key
 
 

@@ -19,6 +19,7 @@ import streamlit as st
 import torch
 
 from simu_core import data as qa
+from simu_core.arch import count_parameters
 from simu_core.builtin import (
     BuildStatus,
     build_active,
@@ -33,9 +34,11 @@ from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
 from simu_core.figures import history_figure, runs_figure
 from simu_core.jobs import CANCELLED, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
+from simu_core.knowledge_check import KnowledgeCheck, check_knowledge
 from simu_core.metrics import Report
 from simu_core.models import LoadedModel, load_model
 from simu_core.runs import list_runs, read_config, read_history
+from simu_core.unlearn import METHODS
 
 if os.environ.get("SIMU_THREADS"):  # e.g. SIMU_THREADS=1 on a busy shared machine; default: torch's own choice
     torch.set_num_threads(int(os.environ["SIMU_THREADS"]))
@@ -133,8 +136,8 @@ def show_build_progress(status: BuildStatus | None, waiting_for: tuple[str, ...]
     if status is None or status.state != "running":
         st.progress(0.0, text="Starting the build process...")
         return
-    eta = "estimating the time left" if status.eta_seconds is None else f"about {_duration(status.eta_seconds)} left"
-    st.progress(status.fraction, text=f"{status.message} · {_duration(time.time() - status.started)} · {eta}")
+    eta = "estimating the time left" if status.eta_seconds is None else f"about {duration(status.eta_seconds)} left"
+    st.progress(status.fraction, text=f"{status.message} · {duration(time.time() - status.started)} · {eta}")
     marks = {"ok": "✅", "building": "⏳"}
     st.caption(
         "  ·  ".join(f"{marks.get(state, '▫️')} {part}" for part, state in status.parts.items())
@@ -169,34 +172,40 @@ def _cached_data(spec: str, home: str = "") -> qa.QADataset:
 
 
 def current_data(role: str) -> qa.QADataset | None:
-    """The session's forget or retain set: an upload if one was accepted, else its spec."""
-    upload = st.session_state.get(f"{role}_upload")
-    if upload is not None:
-        return upload
+    """The session's forget or retain set, read from its spec (an accepted upload is a stored file spec)."""
     spec = st.session_state[f"{role}_spec"]
     require_builtin(spec)
     try:
         return _cached_data(spec, str(simu_home()))
     except Exception as err:
-        show_error(err, f"load the {role} set '{spec}'")
+        show_error(err, f"load the {role} set '{data_label(role)}'")
         return None
 
 
 def data_label(role: str) -> str:
-    upload = st.session_state.get(f"{role}_upload")
-    return f"upload:{upload.name}" if upload is not None else st.session_state[f"{role}_spec"]
+    """The role's data spec as shown to the user: an upload by its stored file name."""
+    spec = st.session_state[f"{role}_spec"]
+    return f"upload {Path(spec).name}" if qa.is_upload(spec) else spec
 
 
-def parse_upload(name: str, content: bytes) -> qa.QADataset:
-    """Validate an uploaded file's bytes (JSONL/JSON/CSV): text only, never unpickled."""
-    try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise SimuError(f"'{name}' is not UTF-8 text (bad byte at position {err.start}). Save it as UTF-8.") from err
-    rows = qa.parse_records(text, Path(name).suffix.lower().lstrip("."), name)
-    if not rows:
-        raise SimuError(f"'{name}' has no rows. Add at least one question/answer row.")
-    return qa.QADataset(Path(name).stem, rows)
+def keep_widget(key: str, default: Any) -> None:
+    """Seed widget `key` from the value kept for it (else `default`) before the widget is drawn.
+
+    Streamlit drops the keys of widgets on pages that are not shown, so a page's choices are kept in a
+    plain session_state dict ("kept") and put back here when the page is drawn again; `remember(key)`
+    (called as the widget's on_change or after it) records a new value.
+    """
+    kept = st.session_state.setdefault("kept", {})
+    if key not in st.session_state:
+        st.session_state[key] = kept.get(key, default)
+
+
+def remember(*keys: str) -> None:
+    """Record the current values of these widgets (see `keep_widget`)."""
+    kept = st.session_state.setdefault("kept", {})
+    for key in keys:
+        if key in st.session_state:
+            kept[key] = st.session_state[key]
 
 
 def sidebar_summary() -> None:
@@ -248,19 +257,24 @@ def job_busy(key: str) -> bool:
     return job is not None and job.snapshot().state not in FINISHED
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as "42 s" or "3 min 05 s"."""
     seconds = int(round(seconds))
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-def show_progress(status: JobStatus) -> None:
-    """A queued notice, or a progress bar with the message, elapsed time and ETA."""
+def eta_text(status: JobStatus) -> str:
+    """ "about X left" at the rate so far, or "estimating the time left" before a tenth of the job is done."""
+    eta = status.eta_seconds
+    return "estimating the time left" if eta is None else f"about {duration(eta)} left"
+
+
+def show_progress(status: JobStatus, eta: Callable[[JobStatus], str] = eta_text) -> None:
+    """A queued notice, or a progress bar with the message, elapsed time and `eta(status)`."""
     if status.state == QUEUED:
         st.info(f"⏳ **{status.name}** is waiting: {status.message}. It starts when the job ahead finishes.")
         return
-    eta = status.records[-1].get("eta") if status.records and "eta" in status.records[-1] else status.eta_seconds
-    text = f"{status.name}: {status.message} · {_duration(status.elapsed)} elapsed"
-    text += f" · about {_duration(eta)} left" if eta is not None else ""
+    text = f"{status.name}: {status.message} · {duration(status.elapsed)} elapsed · {eta(status)}"
     st.progress(min(1.0, max(0.0, status.progress)), text=text)
 
 
@@ -272,7 +286,8 @@ def show_job_outcome(status: JobStatus, doing: str) -> None:
             with st.expander("Details (traceback)"):
                 st.code(status.traceback, language="text")
     elif status.state == CANCELLED:
-        st.warning(f"**{status.name}** was cancelled ({status.message}).")
+        why = "" if status.message in ("cancelled", "") else f" ({status.message})"
+        st.warning(f"**{status.name}** was cancelled{why}.")
 
 
 def follow_job(
@@ -281,11 +296,12 @@ def follow_job(
     live: Callable[[JobStatus], None] | None = None,
     every: float = 0.5,
     ready: Callable[[], bool] | None = None,
+    eta: Callable[[JobStatus], str] = eta_text,
 ) -> JobStatus | None:
     """Show this session's job `key`; returns its status once it has finished, else None.
 
     While it runs, a fragment polls its status every `every` seconds and draws the progress bar,
-    `live(status)` (e.g. loss curves) and a Cancel button; the whole page reruns when the job ends,
+    `live(status)` (e.g. loss curves) and a Cancel button (`eta(status)`: the time-left text); the whole page reruns when the job ends,
     or earlier once `ready()` is true (a part of the results the page can already show).
     """
     job = session_job(key)
@@ -301,7 +317,7 @@ def follow_job(
         now = job.snapshot()
         if now.state in FINISHED or (ready is not None and ready()):
             st.rerun()
-        show_progress(now)
+        show_progress(now, eta)
         if live is not None:
             live(now)
         if not job.cancel_event.is_set() and st.button("Cancel", key=f"cancel_{key}", help="Stop between two steps."):
@@ -360,11 +376,11 @@ def run_reports(folder: Path) -> tuple[Report | None, Report | None]:
 
 def compare_runs(records: list) -> None:
     """Several runs side by side: the settings that differ, training summaries, metrics and loss curves."""
-    configs = {r.name: _flat(to_dict(read_config(r.path))) for r in records}
+    configs = {r.name: _settings(read_config(r.path)) for r in records}
     differ = sorted(k for k in set().union(*configs.values()) if len({str(c.get(k)) for c in configs.values()}) > 1)
     rows = {
         r.name: {
-            **{k: configs[r.name].get(k) for k in differ},
+            **{k: configs[r.name].get(k, "–") for k in differ},
             "status": r.status,
             "steps done": r.steps_done,
             "seconds": r.seconds,
@@ -377,7 +393,8 @@ def compare_runs(records: list) -> None:
     for name, report in reports.items():
         if report is not None:
             rows[name].update({k: report.summary.get(k) for k in HEADLINE_KEYS})
-    st.dataframe(pd.DataFrame(rows).astype(str), width="stretch")
+    table = pd.DataFrame({name: {k: _short(v) for k, v in row.items()} for name, row in rows.items()})
+    st.dataframe(table, width="stretch")
     st.caption("Rows: the settings that differ between the runs, then training results and (if evaluated) metrics.")
     chart(history_figure({r.name: read_history(r.path) for r in records}, "Losses of the compared runs"))
     evaluated = {name: rep for name, rep in reports.items() if rep is not None}
@@ -385,6 +402,24 @@ def compare_runs(records: list) -> None:
         chart(runs_figure(evaluated, list(COMPARE_KEYS)))
     elif len(evaluated) < len(records):
         st.caption("Evaluate the runs (Evaluate page) to compare their metrics too.")
+
+
+def _settings(config) -> dict:
+    """A run's settings as flat keys; a method without a neuron mask shows no mask settings."""
+    flat = _flat(to_dict(config))
+    method = METHODS.get(getattr(config, "method", ""))
+    if method is not None and method.mask is None:
+        flat = {k: v for k, v in flat.items() if not k.startswith("mask")}
+    return flat
+
+
+def _short(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, None as a dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -395,3 +430,45 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# --------------------------------------------------------------------------- does the model know the forget set
+AUTO_CHECK_PARAMS = 50e6  # below this size the knowledge check runs as soon as a page needs it
+
+
+def knowledge_key(loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset) -> tuple:
+    return ("knowledge", loaded.spec, loaded.source, str(loaded.device), dataset_key(forget), dataset_key(retain))
+
+
+def knowledge_check(loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset) -> KnowledgeCheck | None:
+    """The model's knowledge check on these sets (`simu_core.knowledge_check`), computed once per server.
+
+    It runs on the job worker (a running attribution may have hooks on the shared model), right away when
+    the worker is free and the model small, else after a click; None until it has a result.
+    """
+    key, store = knowledge_key(loaded, forget, retain), result_store()
+    if key in store:
+        return store[key]
+    small = count_parameters(loaded.model) < AUTO_CHECK_PARAMS
+    if job_runner().busy():
+        st.caption("The knowledge check (does the model know the forget set?) runs when the current job is done.")
+        return None
+    if not small and not st.button("Check what the model knows", key="knowledge_check"):
+        st.caption("Press the button to check whether the model knows the forget set (greedy answers and loss).")
+        return None
+    job = job_runner().submit("Knowledge check", lambda ctx: check_knowledge(loaded, forget, retain))
+    with st.spinner("Checking whether the model knows the forget set (greedy answers and answer loss)..."):
+        status = job.wait()
+    if status.state != "done":
+        st.error(f"**Could not check what the model knows.** {status.error}")
+        return None
+    store[key] = status.result
+    return status.result
+
+
+def knowledge_warning(loaded: LoadedModel, forget: qa.QADataset, retain: qa.QADataset) -> KnowledgeCheck | None:
+    """A warning when the model does not seem to know the forget set (then there is nothing to unlearn)."""
+    check = knowledge_check(loaded, forget, retain)
+    if check is not None and not check.knows:
+        st.warning(f"**Nothing to unlearn?** {check.reason}")
+    return check

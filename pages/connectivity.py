@@ -38,9 +38,6 @@ st.caption(
     "the original where it matters."
 )
 loaded, forget, retain = need_setup()
-if any(st.session_state.get(f"{role}_upload") is not None for role in ("forget", "retain")):
-    st.warning("Mode connectivity reads its data by name: pick a built-in split or a file on **Model & data**.")
-    st.stop()
 
 endpoints = {f"original · {loaded.spec}": loaded.spec}
 for run in finished_runs():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pages.common import (
 from simu_core.errors import SimuError
 from simu_core.evaluation import default_reference, evaluate_specs
 from simu_core.figures import split_bars_figure
+from simu_core.knowledge_check import load_check
 from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, goal_of
 from simu_core.runs import read_config
 
@@ -60,6 +62,9 @@ name = st.selectbox(
 )
 run = by_name[name]
 run_config = read_config(run.path)
+knowledge = load_check(run.path)
+if knowledge is not None and not knowledge.knows:
+    st.warning(f"**Before this run:** {knowledge.reason}")
 require_builtin(run_config.model, default_reference(run_config.model, run_config.forget))  # reference may be building
 
 
@@ -74,7 +79,8 @@ def evaluate_job(ctx, run_path: Path, device: str, max_items: int) -> str | None
             stage["n"] += 1
             stage["label"] = "base model (before)" if "base model" in message else "unlearned model (after)"
             return
-        ctx.report((max(stage["n"], 0) + fraction) / 2, f"{stage['label']}: {message}")
+        # 90% for the two models' metrics, the rest for the report (charts) written after them
+        ctx.report(0.9 * (max(stage["n"], 0) + fraction) / 2, f"{stage['label']}: {message}")
 
     try:
         files = evaluate_specs(run=run_path, device=device, config=EvalConfig(max_items=max_items), progress=progress)
@@ -102,6 +108,15 @@ if after is None or job_busy("evaluate"):  # a running evaluation may have writt
     after, before = run_reports(run.path)
     if after is None or job_busy("evaluate"):
         st.stop()
+
+
+def plain(reason: str) -> str:
+    """A skip reason in the user's words (the library names its setting)."""
+    return re.sub(
+        r"no (\w+) inputs on '([^']+)' \(EvalConfig\.skip_inputs\)",
+        r"not computed on the \2 split (the \1 step is left out there to save time)",
+        reason,
+    )
 
 
 def answers_table(after, before, split: str) -> pd.DataFrame:
@@ -137,7 +152,8 @@ for col, (key, label) in zip(cols, HEADLINE.items(), strict=True):
         None if d is None or d.delta is None else (f"{d.delta:+.3g}" if changed else "no change"),
         delta_color=DELTA_COLOR.get(d.goal, "off") if changed else "off",
         delta_arrow="auto" if changed else "off",
-        help=(metric.doc if metric else "") + (f" Skipped: {after.skipped[key]}" if key in after.skipped else ""),
+        help=(metric.doc if metric else "")
+        + (f" Skipped: {plain(after.skipped[key])}" if key in after.skipped else ""),
     )
 st.caption(
     f"After = `{after.model}`, before = `{before.model if before else '–'}`, reference = `{after.reference}`. "
@@ -177,7 +193,7 @@ with tabs[-1]:
         table = [{"metric": k, "goal": goal_of(k), "after": v} for k, v in after.summary.items()]
     st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
     for key, reason in after.skipped.items():
-        st.caption(f"`{key}` skipped: {reason}")
+        st.caption(f"`{key}` skipped: {plain(reason)}")
 
 report = run.path / "report.html"
 if report.is_file():

@@ -9,6 +9,7 @@ import streamlit as st
 
 from pages.common import HEADLINE_KEYS, chart, compare_runs, require_entrypoint, run_reports, runs_dir, show_error
 from simu_core.figures import history_figure
+from simu_core.knowledge_check import load_check
 from simu_core.metrics import compare, goal_of
 from simu_core.runs import delete_run, list_runs, read_history
 
@@ -59,6 +60,11 @@ with opened:
     note = f"**{run.method}** · {run.status} ({run.stop_reason}) · {run.steps_done} steps"
     show = st.success if run.status == "ok" else st.warning if run.status == "cancelled" else st.error
     show(note + (f" · {run.error}" if run.error else ""))
+    knowledge = load_check(run.path)
+    if knowledge is not None and not knowledge.knows:
+        st.warning(f"**Before this run:** {knowledge.reason}")
+    elif knowledge is not None:
+        st.caption(f"Before this run: {knowledge.reason}")
     history = read_history(run.path)
     if history:
         chart(history_figure({name: history}), key="runs_history")
@@ -107,7 +113,8 @@ with opened:
         except Exception as err:
             show_error(err, f"delete run '{name}'")
         else:
-            st.session_state.pop("last_run", None)
+            for key in ("last_run", "runs_compare", "ev_compare"):  # choices that named the deleted run
+                st.session_state.pop(key, None)
             st.toast(f"Deleted run {name}")
             st.rerun()
 
@@ -116,4 +123,8 @@ with compared:
     if len(chosen) >= 2:
         compare_runs([by_name[n] for n in chosen])
     else:
-        st.info("Pick at least two runs.")
+        st.info(
+            f"Pick two or more of the {len(names)} runs to compare them."
+            if len(names) >= 2
+            else "Compare needs two runs."
+        )

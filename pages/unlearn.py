@@ -9,20 +9,24 @@ import streamlit as st
 
 from pages.common import (
     chart,
-    data_label,
     dataset_key,
+    duration,
+    eta_text,
     follow_job,
+    job_busy,
+    knowledge_warning,
     launch_button,
     need_setup,
     require_entrypoint,
     result_store,
     runs_dir,
+    session_job,
     show_error,
 )
 from simu_core.config import MaskConfig, UnlearnConfig
 from simu_core.errors import SimuError
 from simu_core.figures import history_figure
-from simu_core.jobs import DONE
+from simu_core.jobs import DONE, eta_to_stop
 from simu_core.masks import MLP_PARTS, make_mask
 from simu_core.neurons import NeuronMask
 from simu_core.optim import ESTIMATORS
@@ -37,6 +41,7 @@ st.caption(
     "baselines it is compared with. The shared model is never changed: every run trains its own copy."
 )
 loaded, forget, retain = need_setup()
+knowledge = knowledge_warning(loaded, forget, retain)
 
 names = list(METHODS)
 method = st.selectbox(
@@ -47,7 +52,10 @@ method = st.selectbox(
     help="random_mask is the control for SIMU: a random mask with the same number of neurons per layer.",
 )
 preset = preset_config(method)
-st.caption(f"Presets: {PRESET_NOTES}.")
+st.caption(
+    "Each method starts from settings that worked well on the built-in benchmark (its preset); change them freely.",
+    help=f"Presets: {PRESET_NOTES}.",
+)
 
 
 def field(col, label: str, name: str, help: str, **kw):
@@ -174,8 +182,8 @@ def build_config() -> UnlearnConfig:
         seed=int(seed),
         eval_every=int(eval_every),
         model=loaded.spec,
-        forget=data_label("forget"),
-        retain=data_label("retain"),
+        forget=st.session_state["forget_spec"],
+        retain=st.session_state["retain_spec"],
         device=st.session_state["device"],
         mask=mask_config,
         **extra,
@@ -185,8 +193,10 @@ def build_config() -> UnlearnConfig:
     return cfg
 
 
-def run_job(ctx, config: UnlearnConfig, base, forget, retain, mask: NeuronMask | None, folder: Path) -> dict:
-    """Job: one unlearning run saved under `folder` (worker thread; no Streamlit here)."""
+def run_job(
+    ctx, config: UnlearnConfig, base, forget, retain, mask: NeuronMask | None, folder: Path, knowledge=None
+) -> dict:
+    """Job: one unlearning run saved under `folder`, with the knowledge check if there is one (worker thread)."""
     needs_mask = METHODS[config.method].mask is not None and mask is None
     ctx.report(0.0, "copying the model" + (" and computing the neuron mask (attribution)" if needs_mask else ""))
 
@@ -196,6 +206,8 @@ def run_job(ctx, config: UnlearnConfig, base, forget, retain, mask: NeuronMask |
     result, path = run_unlearning(
         config, folder, base=base, forget=forget, retain=retain, mask=mask, callback=on_step, cancel=ctx.cancel_event
     )
+    if knowledge is not None:
+        knowledge.save(path)  # the run says whether the model knew its forget set before it started
     return {"folder": str(path), "summary": result.summary()}
 
 
@@ -203,7 +215,9 @@ try:
     config, problem = build_config(), None
 except SimuError as err:
     config, problem = None, err
-job = partial(run_job, config=config, base=loaded, forget=forget, retain=retain, mask=mask, folder=runs_dir())
+job = partial(
+    run_job, config=config, base=loaded, forget=forget, retain=retain, mask=mask, folder=runs_dir(), knowledge=knowledge
+)
 launch_button(
     "Launch unlearning",
     "unlearn",
@@ -222,7 +236,36 @@ def live(status) -> None:
         chart(history_figure({"run": status.records}, "Losses so far"), key="ul_live")
 
 
-status = follow_job("unlearn", "run the unlearning", live=live)
+def unlearn_eta(status) -> str:
+    """Time left to the step budget and, when the run stops early on a forget target, to the expected stop."""
+    job = session_job("unlearn")
+    cfg = job.fn.keywords.get("config") if job is not None and isinstance(job.fn, partial) else None
+    steps = status.records[-1]["steps"] if status.records else None
+    text = eta_text(status).replace(" left", f" left to the {steps}-step budget" if steps else " left")
+    targets = [] if cfg is None else [
+        (key, value, label) for key, value, label in (
+            ("forget_em", cfg.stop_forget_em, "forget exact match"),
+            ("forget_rouge", cfg.stop_forget_rouge, "forget ROUGE-L"),
+            ("forget_nll", cfg.stop_forget_loss, "forget loss"),
+        ) if value is not None
+    ]  # fmt: skip
+    if not targets:
+        return text
+    stops = [(eta_to_stop(status, key, value), label, value) for key, value, label in targets]
+    known = [s for s in stops if s[0] is not None]
+    if not known:
+        return text + " · early stop when the forget target is met: no trend towards it yet"
+    seconds, label, value = min(known)
+    return text + f" · about {duration(seconds)} to the expected early stop ({label} → {value:g})"
+
+
+last = session_job("unlearn")
+last_config = last.fn.keywords.get("config") if last is not None and isinstance(last.fn, partial) else None
+if last_config is not None and last_config.method != method and not job_busy("unlearn"):
+    status = None  # the last run was another method's: its outcome is not this launch button's
+    st.caption(f"The last run ({last_config.method}) is on the **Runs** page.")
+else:
+    status = follow_job("unlearn", "run the unlearning", live=live, eta=unlearn_eta)
 if status is not None and status.result:
     summary, folder = status.result["summary"], Path(status.result["folder"])
     st.session_state["last_run"] = folder.name

@@ -7,13 +7,15 @@ Data specs understood by `load_data`:
     builtin:<split>                 a split of the built-in benchmark (forget10, retain10, holdout, ...)
     builtin:smollm2/<split>         a split of the real-knowledge benchmark built for SmolLM2 (forget,
                                     retain, neighbour, general, other_capitals; see `simu_core.knowledge`)
-    path/to/file.jsonl|.json|.csv   a local file with `question` and `answer` columns
+    path/to/file.jsonl|.json|.csv   a local file with `question` and `answer` columns (an upload stored by
+                                    `store_upload` is such a file: $SIMU_HOME/data/uploads/<stem>-<hash>.jsonl)
     hf:NAME[:CONFIG][:SPLIT]        a Hugging Face `datasets` dataset (needs the hub or its cache)
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -419,16 +421,44 @@ def parse_records(text: str, fmt: str, source: str) -> list[dict]:
             raise SimuError(f"'{source}': expected a JSON list of objects with 'question' and 'answer'.")
         return [_normalise_item(row, f"'{source}' item {i + 1}") for i, row in enumerate(data)]
     if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        header = reader.fieldnames or []
+        reader = csv.DictReader(io.StringIO(text), strict=True)
+        header = _csv_header(reader, source)
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise SimuError(
                 f"'{source}': missing column(s) {', '.join(repr(c) for c in missing)} in the header "
                 f"{header}. The first row must name the columns, including 'question' and 'answer'."
             )
-        return [_normalise_item(row, f"'{source}' line {i + 2}") for i, row in enumerate(reader)]
+        return _csv_rows(reader, source)
     raise SimuError(f"'{source}': unsupported file type '.{fmt}'. Use .jsonl, .json or .csv.")
+
+
+def _csv_error(err: csv.Error, line: int, source: str) -> SimuError:
+    what = "an unterminated quote" if "unexpected end of data" in str(err) else f"bad quoting ({err})"
+    return SimuError(
+        f'\'{source}\' line {line}: {what}. Close every opening " of a cell, and write a " inside a quoted cell as "".'
+    )
+
+
+def _csv_header(reader: csv.DictReader, source: str) -> list[str]:
+    try:
+        return list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise _csv_error(err, reader.line_num, source) from err
+
+
+def _csv_rows(reader: csv.DictReader, source: str) -> list[dict]:
+    """The validated rows; an unterminated quote is reported at the line where its cell starts."""
+    rows, start = [], reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:
+            raise _csv_error(err, start, source) from err
+        rows.append(_normalise_item(row, f"'{source}' line {start}"))
+        start = reader.line_num + 1
 
 
 def load_file(path: str | Path, name: str | None = None) -> QADataset:
@@ -441,6 +471,65 @@ def load_file(path: str | Path, name: str | None = None) -> QADataset:
     if not rows:
         raise SimuError(f"'{path}' has no rows. Add at least one question/answer row.")
     return QADataset(name or path.stem, rows)
+
+
+UPLOAD_TYPES = ("jsonl", "json", "csv")
+
+
+def uploads_dir() -> Path:
+    """Where accepted uploads are stored: $SIMU_HOME/data/uploads."""
+    return simu_home() / "data" / "uploads"
+
+
+def parse_upload(name: str, content: bytes) -> list[dict]:
+    """Validate an uploaded file's bytes (JSONL/JSON/CSV by the name's extension): text only, never unpickled.
+
+    Returns the normalised rows; raises SimuError naming the problem (encoding, type, line, column, no rows).
+    """
+    fmt = Path(name).suffix.lower().lstrip(".")
+    if fmt not in UPLOAD_TYPES:
+        raise SimuError(f"'{name}': unsupported file type '.{fmt}'. Use .jsonl, .json or .csv.")
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SimuError(f"'{name}' is not UTF-8 text (bad byte at position {err.start}). Save it as UTF-8.") from err
+    rows = parse_records(text, fmt, name)
+    if not rows:
+        raise SimuError(f"'{name}' has no rows. Add at least one question/answer row.")
+    return rows
+
+
+def _safe_stem(name: str) -> str:
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(name).stem).strip("_")
+    return stem[:40] or "upload"
+
+
+def store_upload(name: str, content: bytes, folder: str | Path | None = None) -> Path:
+    """Validate an upload and store it once as normalised JSONL; returns the file, a data spec like any other.
+
+    The file is `<folder>/<stem>-<sha256[:12]>.jsonl` (folder: `uploads_dir()`), the hash taken over the
+    normalised JSONL text, so uploading the same rows again (even as CSV instead of JSONL) reuses the file.
+    Written to a temporary name and renamed: a reader never sees half a file. Nothing is written when the
+    upload is invalid (SimuError).
+    """
+    rows = parse_upload(name, content)
+    text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    folder = Path(folder) if folder is not None else uploads_dir()
+    path = folder / f"{_safe_stem(name)}-{digest}.jsonl"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def is_upload(spec: str) -> bool:
+    """True when `spec` names a file stored by `store_upload` (in this SIMU_HOME)."""
+    path = Path(spec)
+    return path.suffix == ".jsonl" and path.parent.resolve() == uploads_dir().resolve()
 
 
 def load_hf(name: str, config: str | None = None, split: str | None = None) -> QADataset:

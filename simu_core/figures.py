@@ -94,8 +94,8 @@ def selection_scatter(
     excluded = bool((both & ~chosen).any())
     groups = [
         ("other", ~chosen & ~both, "not selected"),
-        ("selected", chosen & ~both, "selected (critical for forget)"),
-        ("dual", both, "dual: critical for forget and retain" + (" (excluded)" if excluded else "")),
+        ("selected", chosen & ~both, "selected, forget only"),
+        ("dual", both, "dual: critical for forget and retain, " + ("excluded" if excluded else "selected")),
     ]
     fig = go.Figure()
     for kind, where, label in groups:

@@ -129,7 +129,39 @@ def resolve_model_source(spec: str, root: str | Path | None = None, progress: Pr
         return str(path)
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) or spec.count("/") > 1:
         raise SimuError(f"model folder '{spec}' not found. Check the path.")
+    check_hub_id(spec)
     return spec  # a hub id
+
+
+def check_hub_id(repo_id: str, timeout: float = 5.0) -> None:
+    """Fail within `timeout` seconds for a hub id that cannot load, before any download is tried.
+
+    In the local Hugging Face cache: fine. Offline (HF_HUB_OFFLINE): an error at once. Online: one metadata
+    request that tells "no such model" from "the hub does not answer".
+    """
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    fix = "Check the id for typos (e.g. EleutherAI/pythia-70m) or pass a local save_pretrained folder."
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError as err:
+        raise SimuError(f"'{repo_id}' is not a valid hub id ({str(err).rstrip('. ')}). {fix}") from err
+    if isinstance(cached, str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise SimuError(
+            f"model '{repo_id}' is not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE). {fix}"
+        )
+    try:
+        model_info(repo_id, timeout=timeout)
+    except RepositoryNotFoundError as err:
+        raise SimuError(f"there is no model '{repo_id}' on the Hugging Face hub (or it is private). {fix}") from err
+    except Exception as err:  # no network, a timeout, a proxy error: all mean the hub cannot be used now
+        raise SimuError(
+            f"model '{repo_id}' is not in the local Hugging Face cache and the hub did not answer within "
+            f"{timeout:.0f} s ({type(err).__name__}). Connect to the network, or {fix[0].lower()}{fix[1:]}"
+        ) from err
 
 
 def read_simu_json(source: str) -> dict:
@@ -178,11 +210,11 @@ def load_model(
     The family must be one `simu_core.arch` knows (its MLP neurons must be findable).
     `progress` hears about a first-use download or GGUF conversion.
     """
+    source = resolve_model_source(spec, root, progress)  # before the slow import: a bad spec fails at once
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from simu_core.arch import adapter_for
 
-    source = resolve_model_source(spec, root, progress)
     device = device if isinstance(device, torch.device) else pick_device(device)
     dtype = dtype or pick_dtype(device)
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
@@ -194,7 +226,7 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         where = "folder" if Path(source).exists() else "hub id"
         raise SimuError(
-            f"could not load model {where} '{spec}': {err}. Check the name; without network only "
+            f"{where} '{spec}': {str(err).rstrip('. ')}. Check the name; without network only "
             "models already in the local Hugging Face cache load (or pass a local folder)."
         ) from err
     adapter_for(model)  # fail early, with the supported families named

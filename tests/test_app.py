@@ -137,7 +137,7 @@ def test_page_loads_on_the_builtin_default(app, page):
 def test_model_page_shows_the_builtin_model_and_both_data_sets(app):
     assert metric(app, "Family") == "llama"
     assert {"Model source", "Forget set source", "Retain set source"} <= {r.label for r in app.radio}
-    assert len(app.dataframe) == 2  # previews of the forget and retain sets
+    assert len(app.dataframe) == 3  # previews of the forget and retain sets, the greedy answers
 
 
 def test_attribution_page_draws_heatmap_scatter_and_bars(app):
@@ -182,12 +182,92 @@ def test_token_attribution_of_a_chosen_forget_example(app):
     assert not app.error, texts(app.error)
 
 
+COMPANIES = b"question,answer\nWho founded Acme Rockets?,Ada Stone.\nWhere is Acme Rockets based?,In Oslo.\n"
+
+
+def upload(at: AppTest, name: str, content: bytes, role: str = "forget") -> AppTest:
+    if at.radio(key=f"{role}_kind").value != "Upload JSONL/CSV":
+        at.radio(key=f"{role}_kind").set_value("Upload JSONL/CSV").run()
+    at.file_uploader(key=f"{role}_file").upload(name, content, "text/csv").run()
+    assert not at.exception, at.exception
+    return at
+
+
 def test_bad_upload_shows_the_validation_error_and_keeps_the_old_set(app):
-    app.radio(key="forget_kind").set_value("Upload JSONL/CSV").run()
-    app.file_uploader(key="forget_file").upload("mine.csv", b"question,reply\nWho?,Me.\n", "text/csv").run()
+    upload(app, "mine.csv", b"question,reply\nWho?,Me.\n")
     errors = " ".join(texts(app.error))
     assert "missing column(s) 'answer'" in errors and "Could not read the uploaded forget file" in errors
-    assert "upload:" not in " ".join(m.value for m in app.sidebar.markdown)
+    assert app.session_state["forget_spec"] == "builtin:forget10"
+
+
+def test_an_accepted_upload_is_stored_and_used_in_the_same_rerun(app, app_home):
+    """(The sidebar reads forget_spec, set by the uploader's callback before the script: browser test.)"""
+    upload(app, "companies.csv", COMPANIES)
+    spec = app.session_state["forget_spec"]
+    assert Path(spec).parent == app_home / "data" / "uploads" and Path(spec).name.startswith("companies-")
+    assert qa.load_data(spec).questions()[0] == "Who founded Acme Rockets?"
+    assert "2 items" in " ".join(m.value for m in app.markdown)
+
+
+def test_a_bad_upload_after_a_good_one_keeps_the_good_one(app):
+    upload(app, "companies.csv", COMPANIES)
+    good = app.session_state["forget_spec"]
+    upload(app, "bad_quote.csv", b'question,answer\nWho?,"Me.\n')
+    assert "unterminated quote" in " ".join(texts(app.error))
+    assert app.session_state["forget_spec"] == good
+
+
+def test_choices_survive_leaving_the_page_and_coming_back(app):
+    upload(app, "companies.csv", COMPANIES)
+    good = app.session_state["forget_spec"]
+    app.selectbox(key="retain_split").set_value("retain05").run()
+    app.radio(key="model_source").set_value("Hugging Face hub id").run()
+    app.text_input(key="model_hub").input("someone/model").run()
+    open_page(app, "runs")
+    open_page(app, "model_data")
+    assert app.radio(key="forget_kind").value == "Upload JSONL/CSV"
+    assert app.session_state["forget_spec"] == good
+    assert app.selectbox(key="retain_split").value == "retain05"
+    assert app.session_state["retain_spec"] == "builtin:retain05"
+    assert app.text_input(key="model_hub").value == "someone/model"
+    assert app.session_state["model_spec"] == "builtin:full"  # typed but not used yet
+
+
+def test_model_page_previews_greedy_answers_and_says_the_model_knows_the_builtin_forget_set(app):
+    answers = next(d.value for d in app.dataframe if "model's answer" in d.value.columns)
+    assert len(answers) > 0 and answers["model's answer"].str.len().gt(0).all()
+    assert any("The model knows the forget set" in s.value for s in app.success)
+    assert metric(app, "Forget exact match") != ""
+
+
+def test_knowledge_warning_on_an_upload_the_model_never_saw(app):
+    upload(app, "companies.csv", COMPANIES)
+    assert any("does not seem to know the forget set" in w.value for w in app.warning), texts(app.warning)
+    for page in ("unlearn", "attribution"):
+        open_page(app, page)
+        assert any("Nothing to unlearn?" in w.value for w in app.warning), (page, texts(app.warning))
+
+
+def test_a_mistyped_hub_id_fails_at_once_with_one_clear_message(app):
+    app.radio(key="model_source").set_value("Hugging Face hub id").run()
+    app.text_input(key="model_hub").input("EleutherAl/pythia-70m").run()
+    start = time.perf_counter()
+    next(b for b in app.button if b.label == "Use this model").click().run()
+    assert time.perf_counter() - start < 5
+    error = " ".join(texts(app.error))
+    assert (
+        "Could not load the model 'EleutherAl/pythia-70m'" in error and "not in the local Hugging Face cache" in error
+    )
+    assert ".." not in error and error.lower().count("could not load") == 1
+
+
+def test_back_to_builtin_split_uses_it_and_back_to_upload_uses_the_upload_again(app):
+    upload(app, "companies.csv", COMPANIES)
+    good = app.session_state["forget_spec"]
+    app.radio(key="forget_kind").set_value("Built-in split").run()
+    assert app.session_state["forget_spec"] == "builtin:forget10"
+    app.radio(key="forget_kind").set_value("Upload JSONL/CSV").run()
+    assert app.session_state["forget_spec"] == good
 
 
 # --------------------------------------------------------------------------- jobs
@@ -214,6 +294,9 @@ def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_
     assert not app.error, texts(app.error)
     name = re.search(r"Run `([^`]+)`: \*\*ok\*\* \(steps\) after 3 steps", app.success[-1].value).group(1)
     assert "Losses during unlearning" in titles(app)
+    assert (Path(app.session_state["runs_dir"]) / name / "knowledge_check.json").is_file()
+    app.selectbox(key="ul_method").set_value("ga").run()  # another method: the simu run's outcome goes away
+    assert not any(s.value.startswith("Run `") for s in app.success)
     open_page(app, "runs")
     assert name in app.dataframe[0].value["run"].tolist()
     # the run trained its own copy: the model shared by all sessions is still the one on disk
@@ -224,9 +307,11 @@ def test_tiny_unlearning_run_finishes_in_the_background_and_appears_on_the_runs_
 def test_cancel_stops_a_running_unlearning_job(app):
     launch_unlearning(app, steps=5000, method="fo_graddiff")  # no mask to compute: steps start at once
     poll(app, lambda a: any("step " in p.proto.text for p in a.get("progress")), "the first steps")
+    text = next(p.proto.text for p in app.get("progress") if "step " in p.proto.text)
+    assert re.search(r"elapsed · (estimating the time|about .+) left to the 5000-step budget$", text), text
     app.button(key="cancel_unlearn").click().run()
     poll(app, lambda a: a.warning, "the cancelled notice", seconds=60)
-    assert "was cancelled" in app.warning[0].value
+    assert "was cancelled" in app.warning[0].value and "(cancelled)" not in app.warning[0].value
     assert any(r.status == "cancelled" for r in list_runs(Path(app.session_state["runs_dir"])))
 
 
@@ -289,3 +374,20 @@ def test_evaluate_page_shows_before_and_after_for_a_run(app, library_run):
     columns = set(app.dataframe[0].value.columns)
     assert {"question", "gold answer", "answer before", "answer after"} <= columns
     assert (library_run / "report.html").is_file()
+
+
+def test_compare_shows_short_numbers_and_no_mask_settings_for_a_method_without_a_mask(
+    app, library_run, full_model, builtin_dir, app_home
+):
+    config = preset_config("so_graddiff", steps=2, batch_size=8, retain_batch_size=8, probe_every=0, device="cpu")
+    config.stop_forget_em = None
+    forget, retain = qa.load_data(config.forget, root=builtin_dir), qa.load_data(config.retain, root=builtin_dir)
+    _, other = run_unlearning(config, app_home / "runs", base=full_model, forget=forget, retain=retain)
+    open_page(app, "runs")
+    app.multiselect(key="runs_compare").set_value([library_run.name, other.name]).run()
+    table = next(d.value for d in app.dataframe if library_run.name in d.value.columns)
+    assert table.loc["method", other.name] == "so_graddiff"
+    assert all(v == "–" for k, v in table[other.name].items() if k.startswith("mask"))  # so_graddiff has no mask
+    loss = table.loc["forget loss", other.name]
+    raw = next(r.forget_loss for r in list_runs(app_home / "runs") if r.name == other.name)
+    assert loss == f"{raw:.4g}" != str(raw)  # 4 significant digits, not 17

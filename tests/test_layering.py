@@ -53,8 +53,9 @@ LAYERS = {
     "simu_core.metrics.suite": 6,
     "simu_core.metrics.results": 6,
     "simu_core.metrics.driver": 6,
-    # unlearning (stage 2 and the baselines)
+    # unlearning (stage 2 and the baselines); does the model know the forget set (before attribution/unlearning)
     "simu_core.unlearn": 7,
+    "simu_core.knowledge_check": 7,
     # run folders
     "simu_core.runs": 8,
     # mode connectivity between models and runs

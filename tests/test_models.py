@@ -1,5 +1,7 @@
 """Loading any model spec, greedy answers, device choice, bad input (the built-in cache: test_builtin.py)."""
 
+import time
+
 import pytest
 import torch
 import transformers as tf
@@ -63,9 +65,19 @@ def test_folder_without_safetensors(full_model, tmp_path):
         models.load_model(str(tmp_path))
 
 
-def test_unknown_hub_id_offline():
-    with pytest.raises(SimuError, match="could not load model hub id 'no-such-org/no-such-model'"):
+def test_unknown_hub_id_offline_fails_at_once_without_repeating_itself():
+    start = time.perf_counter()
+    with pytest.raises(
+        SimuError, match="model 'no-such-org/no-such-model' is not in the local Hugging Face cache"
+    ) as err:
         models.load_model("no-such-org/no-such-model", device="cpu")
+    assert time.perf_counter() - start < 5
+    assert ".." not in str(err.value) and "could not load" not in str(err.value).lower()
+
+
+def test_a_malformed_hub_id_is_named():
+    with pytest.raises(SimuError, match="is not a valid hub id"):
+        models.load_model("no such model", device="cpu")
 
 
 def test_unknown_builtin_name():
