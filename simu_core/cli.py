@@ -355,18 +355,66 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true", help="run all steps (ignore the preset's forget target)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--runs-dir", default=None, help="where run folders go (default $SIMU_HOME/runs)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="data-parallel processes, started with `accelerate launch` (default 1; one per GPU, "
+                        "or CPU processes with the gloo backend)")  # fmt: skip
+
+
+def launch_processes(n: int, argv: list[str]) -> int:
+    """Run `python -m simu_core <argv>` on `n` processes with Accelerate's launcher; its exit code.
+
+    CPU-only machines get gloo processes (each uses one thread), GPU machines one process per GPU (NCCL).
+    A free local port is picked so that parallel runs do not collide.
+    """
+    import os
+    import socket
+    import subprocess
+
+    if n < 1:
+        raise SimuError(f"--processes must be >= 1 (got {n}).")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+    if n > 1:
+        launcher.append("--multi_gpu")  # torch.distributed.run; simu_core picks gloo itself without a GPU
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([*launcher, "-m", "simu_core", *argv], env=env, check=False).returncode
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    """`argv` minus its `--processes N` / `--processes=N`."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--processes":
+            skip = True
+        elif not token.startswith("--processes="):
+            out.append(token)
+    return out
 
 
 @command("unlearn", "unlearn a forget set (SIMU, SOUL, GradDiff, GA, NPO, random-mask control)", _unlearn_args)
-def unlearn_cmd(args: argparse.Namespace) -> dict:
+def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     import signal
     import threading
 
+    from simu_core import distributed
     from simu_core.runs import run_unlearning
     from simu_core.unlearn import preset_config
 
+    if args.processes > 1 and distributed.launched_world_size() == 1:
+        code = launch_processes(args.processes, _without_processes(args.argv))
+        if code:
+            raise SimuError(f"the {args.processes}-process run failed (exit code {code}); its error is above.")
+        return None  # the main process printed the summary
     retain = None if (args.retain or "").lower() == "none" else args.retain
-    ensure_builtin_for(args.model, args.forget, retain)
+    group = distributed.current(args.device)
+    if group.is_main:  # one process builds what is missing, the others wait
+        ensure_builtin_for(args.model, args.forget, retain)
+    group.barrier()
     mask = {k: getattr(args, f"mask_{k}") for k in ("method", "steps", "rule", "value", "dual", "score")}
     names = ("steps", "lr", "gamma", "batch_size", "retain_batch_size", "rho", "weight_decay", "estimator",
              "hessian_interval", "mlp_parts", "stop_forget_em", "stop_forget_loss", "stop_forget_rouge", "seed",
@@ -379,7 +427,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict:
         config.stop_forget_em = config.stop_forget_loss = config.stop_forget_rouge = None
 
     def progress(record) -> None:
-        if record.step % 10 == 0 or record.step == record.steps or record.forget_em is not None:
+        if group.is_main and record.step % 10 == 0 or record.step == record.steps or record.forget_em is not None:
             em = "" if record.forget_em is None else f", forget EM {record.forget_em:.3f}"
             stderr_progress(f"step {record.step}: forget {record.forget_loss:.3f}, retain {record.retain_loss or 0:.3f}"
                             f"{em}, ETA {record.eta:.0f}s", record.step / record.steps)  # fmt: skip
@@ -390,9 +438,11 @@ def unlearn_cmd(args: argparse.Namespace) -> dict:
         result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if not group.is_main:
+        return None  # only the main process reports (and wrote the run folder)
     if result.status == "failed":
         raise SimuError(f"{result.error} (run saved, marked failed: {run_dir})")
-    return {"run_dir": str(run_dir), **result.summary()}
+    return {"run_dir": str(run_dir), **result.summary(), "processes": group.world}
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,12 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         summary = args.func(args)
     except SimuError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if summary is None:  # reported elsewhere (another process of a multi-process run)
+        return 0
     if args.json:
         print(json.dumps(summary, default=str))
     else:

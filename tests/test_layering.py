@@ -38,6 +38,7 @@ LAYERS = {
     "simu_core.knowledge_facts": 0,  # plain fact tables
     "simu_core.knowledge": 5,  # the real-knowledge benchmark, built for a model
     "simu_core.neurons": 5,
+    "simu_core.distributed": 5,  # several processes: sharding and reductions through Accelerate
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
     "simu_core.attribution": 6,
     "simu_core.masks": 6,
