@@ -446,6 +446,45 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------
+# plan (memory per device, before a run)
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:full",
+                   help="model spec (its config only is read), or shape:smollm2-135m / shape:llama-1b")  # fmt: skip
+    p.add_argument("--methods", default="simu,so_graddiff", help="comma-separated methods, side by side")
+    p.add_argument("--batch-size", type=int, default=None, help="forget batch rows (default: the preset's)")
+    p.add_argument("--retain-batch-size", type=int, default=None, help="retain batch rows (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row, question + answer (default 64)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="the loaded base model's dtype (default: bfloat16 on CUDA, else float32)")  # fmt: skip
+    p.add_argument("--neurons", type=int, default=None, help="SIMU's selected neurons in all (default: 5%% of them)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+
+
+@command("plan", "estimated memory per device of an unlearning run (SIMU vs SOUL side by side)", _plan_args)
+def plan_cmd(args: argparse.Namespace) -> dict:
+    from simu_core import memory
+    from simu_core.unlearn import preset_config
+
+    if not args.model.startswith("shape:"):
+        ensure_builtin_for(args.model)
+    shape = memory.shape_of_spec(args.model)
+    device, free = memory.device_memory(args.device)
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    configs = [preset_config(m.strip(), batch_size=args.batch_size, retain_batch_size=args.retain_batch_size)
+               for m in args.methods.split(",") if m.strip()]  # fmt: skip
+    plans = memory.compare(shape, configs, args.seq_len, neurons=args.neurons, base_dtype=dtype,
+                           device=device.split(" ")[0], available=free)  # fmt: skip
+    print(memory.table(plans))
+    summary = {"model": args.model, "params": shape.params, "device": device, "available_bytes": free}
+    if not args.json:
+        return {**summary, "fits": ", ".join(f"{p.method}: {'yes' if p.fits else 'no'}" for p in plans)}
+    return {**summary, "plans": [p.to_dict() for p in plans]}
+
+
+# --------------------------------------------------------------------------------------------
 # bench quality (the method comparison table)
 # --------------------------------------------------------------------------------------------
 

@@ -289,3 +289,12 @@ def test_evaluate_page_shows_before_and_after_for_a_run(app, library_run):
     columns = set(app.dataframe[0].value.columns)
     assert {"question", "gold answer", "answer before", "answer after"} <= columns
     assert (library_run / "report.html").is_file()
+
+
+def test_unlearn_page_plans_the_memory_of_the_run_next_to_soul_before_launch(app):
+    open_page(app, "unlearn")
+    app.selectbox(key="ul_method").set_value("fo_graddiff").run()
+    assert any(e.label.startswith("Memory plan") for e in app.expander)
+    table = app.table[0].value
+    assert list(table.columns)[1:] == ["fo_graddiff", "so_graddiff"]
+    assert set(table[""]) >= {"weights", "optimizer", "activations", "total", "fits"}

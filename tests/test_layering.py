@@ -57,6 +57,8 @@ LAYERS = {
     "simu_core.unlearn": 7,
     # run folders
     "simu_core.runs": 8,
+    # the memory planner (reads the methods' trainable sets and presets)
+    "simu_core.memory": 8,
     # mode connectivity between models and runs
     "simu_core.connectivity": 9,
     # every plotly figure
