@@ -138,20 +138,47 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="all", help="scaled positions: all (default) or answer")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--out", required=True, help="output scores file (.safetensors; a .json sidecar is written too)")
+    _processes_arg(p)
+
+
+def _processes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, default=1,
+                   help="data-parallel processes, started with `accelerate launch` (default 1; one per GPU, "
+                        "or CPU processes with the gloo backend)")  # fmt: skip
+
+
+def _launched_elsewhere(args: argparse.Namespace) -> bool:
+    """With `--processes N > 1` outside a launcher: run this command on N processes; True when done."""
+    from simu_core import distributed
+
+    if args.processes <= 1 or distributed.launched_world_size() > 1:
+        return False
+    code = launch_processes(args.processes, _without_processes(args.argv))
+    if code:
+        raise SimuError(f"the {args.processes}-process run failed (exit code {code}); its error is above.")
+    return True
 
 
 @command("attribute", "score every MLP neuron on a data set (SIMU stage 1)", _attribute_args)
-def attribute_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.attribution import attribute
+def attribute_cmd(args: argparse.Namespace) -> dict | None:
+    from simu_core import distributed
+    from simu_core.attribution import attribute_sharded
     from simu_core.data import load_data
     from simu_core.models import load_model
 
-    ensure_builtin_for(args.model, args.data)
+    if _launched_elsewhere(args):
+        return None
+    group = distributed.current(args.device)
+    if group.is_main:
+        ensure_builtin_for(args.model, args.data)
+    group.barrier()
     dataset = load_data(args.data)
-    loaded = load_model(args.model, device=args.device)
-    scores = attribute(
-        loaded, dataset, args.method, args.steps, args.batch_size, args.positions, progress=stderr_progress
-    )
+    loaded = load_model(args.model, device=str(group.device) if group.world > 1 else args.device)
+    progress = stderr_progress if group.is_main else (lambda *_: None)
+    scores = attribute_sharded(loaded, dataset, group, method=args.method, steps=args.steps,
+                               batch_size=args.batch_size, positions=args.positions, progress=progress)  # fmt: skip
+    if not group.is_main:
+        return None
     scores.save(args.out)
     return {
         "out": args.out,
@@ -165,6 +192,7 @@ def attribute_cmd(args: argparse.Namespace) -> dict:
         "loglik": scores.loglik,
         "layer_sums": [float(s.sum()) for s in scores.layers],
         "layer_max": [float(s.max()) for s in scores.layers],
+        "processes": group.world,
     }
 
 
@@ -355,9 +383,7 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true", help="run all steps (ignore the preset's forget target)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--runs-dir", default=None, help="where run folders go (default $SIMU_HOME/runs)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="data-parallel processes, started with `accelerate launch` (default 1; one per GPU, "
-                        "or CPU processes with the gloo backend)")  # fmt: skip
+    _processes_arg(p)
 
 
 def launch_processes(n: int, argv: list[str]) -> int:
@@ -405,10 +431,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     from simu_core.runs import run_unlearning
     from simu_core.unlearn import preset_config
 
-    if args.processes > 1 and distributed.launched_world_size() == 1:
-        code = launch_processes(args.processes, _without_processes(args.argv))
-        if code:
-            raise SimuError(f"the {args.processes}-process run failed (exit code {code}); its error is above.")
+    if _launched_elsewhere(args):
         return None  # the main process printed the summary
     retain = None if (args.retain or "").lower() == "none" else args.retain
     group = distributed.current(args.device)

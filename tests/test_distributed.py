@@ -124,3 +124,24 @@ def test_two_gloo_processes_give_the_one_process_weights(builtin_dir, tmp_path, 
     diff = torch.cat(diffs)
     assert float(diff.max()) <= 1e-3 / 10
     assert float((diff <= 1e-6).float().mean()) >= 0.999
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_attribute_like_one(builtin_dir, tmp_path, capfd):
+    """Each process scores its half of the items; the per-neuron sums over items, added across the two
+    processes, equal one process's up to float summation order (relative 1e-4 of the layer's largest)."""
+    from simu_core.cli import main
+    from simu_core.neurons import NeuronScores
+
+    args = ["attribute", "--model", str(builtin_dir / "models" / "full"),
+            "--data", str(builtin_dir / "data" / "forget10.jsonl"), "--method", "simu_ig", "--steps", "3",
+            "--device", "cpu", "--json"]  # fmt: skip
+    scores = {}
+    for n in (1, 2):
+        out = tmp_path / f"scores{n}.safetensors"
+        assert main([*args, "--out", str(out), "--processes", str(n)]) == 0
+        assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["processes"] == n
+        scores[n] = NeuronScores.load(out)
+    assert scores[1].n_examples == scores[2].n_examples == 20
+    for one, two in zip(scores[1].layers, scores[2].layers, strict=True):
+        torch.testing.assert_close(two, one, rtol=0, atol=1e-4 * float(one.abs().max()))
