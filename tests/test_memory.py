@@ -93,6 +93,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # ~12 s alone, ~27 s on a loaded 2-core machine (a fresh process, two measured runs)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS through /proc needs Linux")
 def test_plan_is_within_20_percent_of_the_measured_peak_on_the_small_builtin(builtin_dir, full_model):
     """Measured: peak resident memory (VmHWM after clear_refs) in a fresh process with
