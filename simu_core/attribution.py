@@ -573,6 +573,27 @@ def attribute(
     )
 
 
+def attribute_sharded(loaded, dataset: qa.QADataset, group, **kwargs) -> NeuronScores:
+    """`attribute` on several processes (`distributed.Group`): each scores its part of the items and the
+    scores, sums over items, are summed across processes, so they equal one process's up to the order of
+    the float sums. Every process gets the whole result; `kwargs` go to `attribute`."""
+    if group.world == 1:
+        return attribute(loaded, dataset, **kwargs)
+    if len(dataset.items) < group.world:
+        raise SimuError(
+            f"{len(dataset.items)} items cannot be split over {group.world} processes. Launch at most "
+            f"{len(dataset.items)} processes."
+        )
+    scores = attribute(loaded, qa.QADataset(dataset.name, group.split(dataset.items)), **kwargs)
+    layers = group.reduce_sum([s.to(group.device) for s in scores.layers])
+    stats = torch.tensor([scores.loglik, scores.n_examples, scores.n_answer_tokens], dtype=torch.float64)
+    loglik, n_examples, n_tokens = group.reduce_sum([stats.to(group.device)])[0].tolist()
+    scores.layers = [s.cpu() for s in layers]
+    scores.loglik, scores.n_examples, scores.n_answer_tokens = loglik, int(n_examples), int(n_tokens)
+    scores.extra = {**scores.extra, "processes": group.world}
+    return scores
+
+
 # --------------------------------------------------------------------------------------------
 # Token-level view of one example
 # --------------------------------------------------------------------------------------------

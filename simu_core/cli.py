@@ -138,20 +138,47 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="all", help="scaled positions: all (default) or answer")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--out", required=True, help="output scores file (.safetensors; a .json sidecar is written too)")
+    _processes_arg(p)
+
+
+def _processes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, default=1,
+                   help="data-parallel processes, started with `accelerate launch` (default 1; one per GPU, "
+                        "or CPU processes with the gloo backend)")  # fmt: skip
+
+
+def _launched_elsewhere(args: argparse.Namespace) -> bool:
+    """With `--processes N > 1` outside a launcher: run this command on N processes; True when done."""
+    from simu_core import distributed
+
+    if args.processes <= 1 or distributed.launched_world_size() > 1:
+        return False
+    code = launch_processes(args.processes, _without_processes(args.argv))
+    if code:
+        raise SimuError(f"the {args.processes}-process run failed (exit code {code}); its error is above.")
+    return True
 
 
 @command("attribute", "score every MLP neuron on a data set (SIMU stage 1)", _attribute_args)
-def attribute_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.attribution import attribute
+def attribute_cmd(args: argparse.Namespace) -> dict | None:
+    from simu_core import distributed
+    from simu_core.attribution import attribute_sharded
     from simu_core.data import load_data
     from simu_core.models import load_model
 
-    ensure_builtin_for(args.model, args.data)
+    if _launched_elsewhere(args):
+        return None
+    group = distributed.current(args.device)
+    if group.is_main:
+        ensure_builtin_for(args.model, args.data)
+    group.barrier()
     dataset = load_data(args.data)
-    loaded = load_model(args.model, device=args.device)
-    scores = attribute(
-        loaded, dataset, args.method, args.steps, args.batch_size, args.positions, progress=stderr_progress
-    )
+    loaded = load_model(args.model, device=str(group.device) if group.world > 1 else args.device)
+    progress = stderr_progress if group.is_main else (lambda *_: None)
+    scores = attribute_sharded(loaded, dataset, group, method=args.method, steps=args.steps,
+                               batch_size=args.batch_size, positions=args.positions, progress=progress)  # fmt: skip
+    if not group.is_main:
+        return None
     scores.save(args.out)
     return {
         "out": args.out,
@@ -165,6 +192,7 @@ def attribute_cmd(args: argparse.Namespace) -> dict:
         "loglik": scores.loglik,
         "layer_sums": [float(s.sum()) for s in scores.layers],
         "layer_max": [float(s.max()) for s in scores.layers],
+        "processes": group.world,
     }
 
 
@@ -357,18 +385,61 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true", help="run all steps (ignore the preset's forget target)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--runs-dir", default=None, help="where run folders go (default $SIMU_HOME/runs)")
+    _processes_arg(p)
+
+
+def launch_processes(n: int, argv: list[str]) -> int:
+    """Run `python -m simu_core <argv>` on `n` processes with Accelerate's launcher; its exit code.
+
+    CPU-only machines get gloo processes (each uses one thread), GPU machines one process per GPU (NCCL).
+    A free local port is picked so that parallel runs do not collide.
+    """
+    import os
+    import socket
+    import subprocess
+
+    if n < 1:
+        raise SimuError(f"--processes must be >= 1 (got {n}).")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+    if n > 1:
+        launcher.append("--multi_gpu")  # torch.distributed.run; simu_core picks gloo itself without a GPU
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([*launcher, "-m", "simu_core", *argv], env=env, check=False).returncode
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    """`argv` minus its `--processes N` / `--processes=N`."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--processes":
+            skip = True
+        elif not token.startswith("--processes="):
+            out.append(token)
+    return out
 
 
 @command("unlearn", "unlearn a forget set (SIMU, SOUL, GradDiff, GA, NPO, random-mask control)", _unlearn_args)
-def unlearn_cmd(args: argparse.Namespace) -> dict:
+def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     import signal
     import threading
 
+    from simu_core import distributed
     from simu_core.runs import run_unlearning
     from simu_core.unlearn import preset_config
 
+    if _launched_elsewhere(args):
+        return None  # the main process printed the summary
     retain = None if (args.retain or "").lower() == "none" else args.retain
-    ensure_builtin_for(args.model, args.forget, retain)
+    group = distributed.current(args.device)
+    if group.is_main:  # one process builds what is missing, the others wait
+        ensure_builtin_for(args.model, args.forget, retain)
+    group.barrier()
     mask = {k: getattr(args, f"mask_{k}") for k in ("method", "steps", "rule", "value", "dual", "score")}
     names = ("steps", "lr", "gamma", "batch_size", "retain_batch_size", "rho", "rho_share", "weight_decay", "estimator",
              "hessian_interval", "mlp_parts", "stop_forget_em", "stop_forget_loss", "stop_forget_rouge", "seed",
@@ -381,7 +452,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict:
         config.stop_forget_em = config.stop_forget_loss = config.stop_forget_rouge = None
 
     def progress(record) -> None:
-        if record.step % 10 == 0 or record.step == record.steps or record.forget_em is not None:
+        if group.is_main and record.step % 10 == 0 or record.step == record.steps or record.forget_em is not None:
             em = "" if record.forget_em is None else f", forget EM {record.forget_em:.3f}"
             stderr_progress(f"step {record.step}: forget {record.forget_loss:.3f}, retain {record.retain_loss or 0:.3f}"
                             f"{em}, ETA {record.eta:.0f}s", record.step / record.steps)  # fmt: skip
@@ -392,9 +463,50 @@ def unlearn_cmd(args: argparse.Namespace) -> dict:
         result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if not group.is_main:
+        return None  # only the main process reports (and wrote the run folder)
     if result.status == "failed":
         raise SimuError(f"{result.error} (run saved, marked failed: {run_dir})")
-    return {"run_dir": str(run_dir), **result.summary()}
+    return {"run_dir": str(run_dir), **result.summary(), "processes": group.world}
+
+
+# --------------------------------------------------------------------------------------------
+# plan (memory per device, before a run)
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:full",
+                   help="model spec (its config only is read), or shape:smollm2-135m / shape:llama-1b")  # fmt: skip
+    p.add_argument("--methods", default="simu,so_graddiff", help="comma-separated methods, side by side")
+    p.add_argument("--batch-size", type=int, default=None, help="forget batch rows (default: the preset's)")
+    p.add_argument("--retain-batch-size", type=int, default=None, help="retain batch rows (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row, question + answer (default 64)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="the loaded base model's dtype (default: bfloat16 on CUDA, else float32)")  # fmt: skip
+    p.add_argument("--neurons", type=int, default=None, help="SIMU's selected neurons in all (default: 5%% of them)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+
+
+@command("plan", "estimated memory per device of an unlearning run (SIMU vs SOUL side by side)", _plan_args)
+def plan_cmd(args: argparse.Namespace) -> dict:
+    from simu_core import memory
+    from simu_core.unlearn import preset_config
+
+    if not args.model.startswith("shape:"):
+        ensure_builtin_for(args.model)
+    shape = memory.shape_of_spec(args.model)
+    device, free = memory.device_memory(args.device)
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    configs = [preset_config(m.strip(), batch_size=args.batch_size, retain_batch_size=args.retain_batch_size)
+               for m in args.methods.split(",") if m.strip()]  # fmt: skip
+    plans = memory.compare(shape, configs, args.seq_len, neurons=args.neurons, base_dtype=dtype,
+                           device=device.split(" ")[0], available=free)  # fmt: skip
+    print(memory.table(plans))
+    summary = {"model": args.model, "params": shape.params, "device": device, "available_bytes": free}
+    if not args.json:
+        return {**summary, "fits": ", ".join(f"{p.method}: {'yes' if p.fits else 'no'}" for p in plans)}
+    return {**summary, "plans": [p.to_dict() for p in plans]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,12 +612,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         summary = args.func(args)
     except SimuError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if summary is None:  # reported elsewhere (another process of a multi-process run)
+        return 0
     if args.json:
         print(json.dumps(summary, default=str))
     else:

@@ -33,6 +33,11 @@ class LossInputs:
     reference: nn.Module | None = None
     gamma: float = 1.0  # retain weight
     beta: float = 0.1  # NPO inverse temperature
+    # This process's share of the global batch when several processes split it (`distributed.Share`):
+    # the forget / retain terms are scaled by it, so the processes' gradients sum to the one-process
+    # gradient. The forget share is in rows for losses in PER_SEQUENCE_FORGET, else in answer tokens.
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
 
 
 @dataclass
@@ -74,20 +79,20 @@ def _retain_term(inputs: LossInputs) -> tuple[torch.Tensor | float, float | None
     if inputs.retain is None or inputs.gamma == 0:
         return 0.0, None
     retain = mean_nll(inputs.model, inputs.retain)
-    return inputs.gamma * retain, float(retain.detach())
+    return inputs.gamma * inputs.retain_weight * retain, float(retain.detach())
 
 
 def ga(inputs: LossInputs) -> LossOutput:
     """Gradient ascent: -L_f."""
     forget = mean_nll(inputs.model, inputs.forget)
-    return LossOutput(-forget, float(forget.detach()))
+    return LossOutput(-inputs.forget_weight * forget, float(forget.detach()))
 
 
 def graddiff(inputs: LossInputs) -> LossOutput:
     """Gradient difference: -L_f + gamma L_r."""
     forget = mean_nll(inputs.model, inputs.forget)
     term, retain = _retain_term(inputs)
-    return LossOutput(-forget + term, float(forget.detach()), retain)
+    return LossOutput(-inputs.forget_weight * forget + term, float(forget.detach()), retain)
 
 
 def npo_forget(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -106,7 +111,7 @@ def npo(inputs: LossInputs) -> LossOutput:
     forget_term = npo_forget(-nll.sum(dim=1), ref_logp, inputs.beta).mean()
     forget = float(nll.detach().sum() / (targets != -100).sum().clamp(min=1))
     term, retain = _retain_term(inputs)
-    return LossOutput(forget_term + term, forget, retain)
+    return LossOutput(inputs.forget_weight * forget_term + term, forget, retain)
 
 
 def kl_retain(inputs: LossInputs) -> LossOutput:
@@ -123,7 +128,8 @@ def kl_retain(inputs: LossInputs) -> LossOutput:
     kl = F.kl_div(logq, logp_ref, log_target=True, reduction="batchmean")
     with torch.no_grad():
         retain = float(F.cross_entropy(logits[keep], targets[keep]))
-    return LossOutput(-forget + inputs.gamma * kl, float(forget.detach()), retain)
+    total = -inputs.forget_weight * forget + inputs.gamma * inputs.retain_weight * kl
+    return LossOutput(total, float(forget.detach()), retain)
 
 
 LossFn = Callable[[LossInputs], LossOutput]
@@ -134,6 +140,7 @@ LOSSES: dict[str, LossFn] = {
     "kl_retain": kl_retain,
 }
 NEEDS_REFERENCE = {"npo", "kl_retain"}
+PER_SEQUENCE_FORGET = {"npo"}  # forget term averaged over sequences (the others: over answer tokens)
 
 
 def get_loss(name: str) -> LossFn:

@@ -173,12 +173,15 @@ def run_unlearning(
 ):
     """Load what `config` names (unless given), unlearn, and save the run folder.
 
-    Returns (UnlearnResult, run folder). Bad settings raise SimuError before anything is written; an
+    Returns (UnlearnResult, run folder); under several processes only the main one (rank 0) writes the
+    folder, the others return None for it. Bad settings raise SimuError before anything is written; an
     unexpected crash during the run leaves a folder marked failed and re-raises.
     """
+    from simu_core import distributed
     from simu_core.unlearn import unlearn
 
-    base = base or load_model(config.model, device=config.device, root=root)
+    group = distributed.current(config.device)  # several processes: each loads onto its own device
+    base = base or load_model(config.model, device=str(group.device) if group.world > 1 else config.device, root=root)
     forget = forget or qa.load_data(config.forget, root=root)
     if retain is None and config.retain:
         retain = qa.load_data(config.retain, root=root)
@@ -187,8 +190,11 @@ def run_unlearning(
     except SimuError:
         raise
     except Exception as err:
-        save_failed_run(config, f"{type(err).__name__}: {err}", runs_dir)
+        if group.is_main:
+            save_failed_run(config, f"{type(err).__name__}: {err}", runs_dir)
         raise
+    if not group.is_main:  # only the main process writes the run folder
+        return result, None
     return result, save_run(result, runs_dir)
 
 

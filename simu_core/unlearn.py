@@ -35,10 +35,18 @@ import torch
 from torch import nn
 
 from simu_core import data as qa
+from simu_core import distributed
 from simu_core.arch import count_parameters, neuron_layers
 from simu_core.config import MaskConfig, UnlearnConfig, to_dict
 from simu_core.errors import SimuError
-from simu_core.losses import NEEDS_REFERENCE, LossInputs, answer_logits, get_loss, mean_nll
+from simu_core.losses import (
+    NEEDS_REFERENCE,
+    PER_SEQUENCE_FORGET,
+    LossInputs,
+    answer_logits,
+    get_loss,
+    mean_nll,
+)
 from simu_core.masks import MLP_PARTS, check_mask_fits, make_mask, random_mask_like
 from simu_core.models import LoadedModel, greedy_answers, pick_device
 from simu_core.neurons import NeuronMask
@@ -601,6 +609,7 @@ class _Session:
     probes: list[str]
     needed_bytes: int
     use_bf16: bool
+    group: distributed.Group  # the processes of this run (one without a launcher)
     current: list[dict] = field(default_factory=list)  # this step's batches (for the curvature closure)
 
     @property
@@ -623,7 +632,11 @@ def _make_optimizer(config: UnlearnConfig, trainables: list[TrainableParam]) -> 
 def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | None) -> _Session:
     """Working copy, mask, trainable set, optimiser, batches, memory check."""
     method = get_method(config.method)
-    device = pick_device(config.device)
+    group = distributed.current(config.device)
+    device = group.device if group.world > 1 else pick_device(config.device)
+    distributed.check_batch_sizes(
+        group, config.batch_size, config.retain_batch_size if retain is not None else group.world
+    )
     work = copy.deepcopy(base.model).to(device=device, dtype=torch.float32)
     work.eval()
     if config.estimator == "hutchinson" and config.optimizer == "sophia" and hasattr(work, "set_attn_implementation"):
@@ -655,7 +668,7 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     probes = (retain if retain is not None else forget).questions()[:8]
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return _Session(config, loaded, mask, trainables, leaves, opt, device, reference, forget, forget_ex, batches,
-                    probes, needed, use_bf16)  # fmt: skip
+                    probes, needed, use_bf16, group)  # fmt: skip
 
 
 class _CollapseGuard:
@@ -690,30 +703,55 @@ class _CollapseGuard:
 def _train_step(session: _Session, step: int, curvature) -> StepRecord | str:
     """One optimiser step; returns its record, or the error message when the loss is not finite."""
     config, model = session.config, session.model
-    forget_batch, retain_batch = next(session.batches)
-    session.current[:] = [b for b in (forget_batch, retain_batch) if b is not None]
+    forget, retain = map(session.group.shard, next(session.batches))  # this process's rows (all on one)
+    shares = [s for s in (forget, retain) if s is not None]
+    session.current[:] = [s.batch for s in shares if not s.empty] or [s.batch for s in shares]
     session.opt.lr = lr_at(config, step)
-    inputs = LossInputs(model, forget_batch, retain_batch, session.reference, config.gamma, config.npo_beta)
+    forget_weight = forget.row_weight if config.loss in PER_SEQUENCE_FORGET else forget.token_weight
+    inputs = LossInputs(model, forget.batch, retain.batch if retain else None, session.reference, config.gamma,
+                        config.npo_beta, forget_weight, retain.token_weight if retain else 1.0)  # fmt: skip
     with session.autocast():
         out = get_loss(config.loss)(inputs)
     retain_loss = out.retain
-    if retain_loss is None and retain_batch is not None:  # monitored even when the loss ignores it
+    if retain_loss is None and retain is not None:  # monitored even when the loss ignores it
         with torch.no_grad(), session.autocast():
-            retain_loss = float(mean_nll(model, retain_batch))
+            retain_loss = float(mean_nll(model, retain.batch))
     objective = float(out.total.detach())
-    if not all(math.isfinite(v) for v in (objective, out.forget, retain_loss or 0.0)):
+    forget_loss, retain_loss, objective = _global_logs(session, forget, retain, out.forget, retain_loss, objective)
+    if not all(math.isfinite(v) for v in (objective, forget_loss, retain_loss or 0.0)):
         return (
-            f"the loss became NaN/inf at step {step} (objective {objective}, forget {out.forget}, retain "
+            f"the loss became NaN/inf at step {step} (objective {objective}, forget {forget_loss}, retain "
             f"{retain_loss}). Lower the learning rate (now {config.lr:g}) or the steps."
         )
     session.opt.zero_grad()
     out.total.backward()
+    _reduce_gradients(session)
     stats = session.opt.step(curvature if config.optimizer == "sophia" else None)
     return StepRecord(
-        step=step, steps=config.steps, forget_loss=out.forget, retain_loss=retain_loss, objective=objective,
+        step=step, steps=config.steps, forget_loss=forget_loss, retain_loss=retain_loss, objective=objective,
         lr=session.opt.lr, grad_norm=stats.grad_norm, seconds=0.0, elapsed=0.0, eta=0.0,
         hessian_updated=stats.hessian_updated, unclipped_fraction=stats.unclipped_fraction,
     )  # fmt: skip
+
+
+def _global_logs(session: _Session, forget, retain, forget_loss: float, retain_loss: float | None, objective: float):
+    """The step's forget / retain losses and objective over the global batch (this process's on one)."""
+    if session.group.world == 1:
+        return forget_loss, retain_loss, objective
+    values = [forget.token_weight * forget_loss, objective]
+    if retain_loss is not None:
+        values.append(retain.token_weight * retain_loss)
+    parts = session.group.reduce_sum([torch.tensor(values, dtype=torch.float64, device=session.device)])[0].tolist()
+    return parts[0], parts[2] if retain_loss is not None else None, parts[1]
+
+
+def _reduce_gradients(session: _Session) -> None:
+    """Sum the trainable gradients over the processes (compact: only the masked slices travel)."""
+    if session.group.world == 1:
+        return
+    targets = [tp.target for tp in session.trainables]
+    for target, total in zip(targets, session.group.reduce_sum([t.grad for t in targets]), strict=True):
+        target.grad = total
 
 
 def forget_rouge(loaded: LoadedModel, model: nn.Module, dataset: qa.QADataset) -> float:
@@ -775,12 +813,14 @@ def unlearn(
     curvature = _curvature(
         config, session.model, targets, lambda: session.current, _generator(session), session.autocast
     )
+    if session.group.world > 1 and config.estimator != "sqgrad":  # sqgrad squares the summed gradient
+        curvature = _averaged(session.group, curvature)
     guard = _CollapseGuard(session)
     history: list[StepRecord] = []
     status, stop_reason, error = "ok", "steps", None
     try:
         for step in range(1, config.steps + 1):
-            if cancel is not None and cancel.is_set():
+            if session.group.any(cancel is not None and cancel.is_set()):
                 status, stop_reason, error = "cancelled", "cancelled", f"cancelled by the user after {step - 1} steps"
                 break
             t0 = time.perf_counter()
@@ -809,6 +849,11 @@ def unlearn(
     finally:
         session.leaves.remove()
     return _result(session, base, status, stop_reason, error, history, time.perf_counter() - start, found)
+
+
+def _averaged(group: distributed.Group, curvature):
+    """The curvature closure with its estimates averaged over the processes (each is unbiased, so is the mean)."""
+    return lambda: group.reduce_mean(curvature())
 
 
 def _generator(session: _Session) -> torch.Generator:

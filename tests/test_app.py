@@ -391,3 +391,12 @@ def test_compare_shows_short_numbers_and_no_mask_settings_for_a_method_without_a
     loss = table.loc["forget loss", other.name]
     raw = next(r.forget_loss for r in list_runs(app_home / "runs") if r.name == other.name)
     assert loss == f"{raw:.4g}" != str(raw)  # 4 significant digits, not 17
+
+
+def test_unlearn_page_plans_the_memory_of_the_run_next_to_soul_before_launch(app):
+    open_page(app, "unlearn")
+    app.selectbox(key="ul_method").set_value("fo_graddiff").run()
+    assert any(e.label.startswith("Memory plan") for e in app.expander)
+    table = app.table[0].value
+    assert list(table.columns)[1:] == ["fo_graddiff", "so_graddiff"]
+    assert set(table[""]) >= {"weights", "optimizer", "activations", "total", "fits"}

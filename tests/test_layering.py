@@ -39,6 +39,7 @@ LAYERS = {
     "simu_core.knowledge": 5,  # the real-knowledge benchmark, built for a model
     "simu_core.neurons": 5,
     "simu_core.finetune": 6,  # the authors fine-tuned onto a pretrained model (uses builtin's training loop)
+    "simu_core.distributed": 5,  # several processes: sharding and reductions through Accelerate
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
     "simu_core.attribution": 6,
     "simu_core.masks": 6,
@@ -58,6 +59,8 @@ LAYERS = {
     "simu_core.knowledge_check": 7,
     # run folders
     "simu_core.runs": 8,
+    # the memory planner (reads the methods' trainable sets and presets)
+    "simu_core.memory": 8,
     # mode connectivity between models and runs
     "simu_core.connectivity": 9,
     # every plotly figure

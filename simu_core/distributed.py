@@ -1,0 +1,181 @@
+"""Several processes, one run: data parallelism with Accelerate's process state and collectives.
+
+Start a run on N processes with Accelerate's launcher (it sets RANK / WORLD_SIZE / LOCAL_RANK):
+
+    accelerate launch --multi_gpu --num_processes N -m simu_core unlearn ...   # or: simu_core unlearn --processes N
+
+Every process holds the whole model and draws the same seeded global batches; `Group.shard` hands
+each its rows (Accelerate's `split_between_processes`). Each process weights its loss terms by its
+share of the global batch (answer tokens for the token-mean terms, rows for per-sequence terms), so
+the *sum* of the processes' gradients is the gradient of the one-process objective; `Group.reduce_sum`
+sums them with `accelerate.utils.reduce` (one collective per step over one flat buffer).
+
+Why not `Accelerator.prepare(model)` (DistributedDataParallel)? DDP's reducer hooks the module's own
+parameters and reduces full-size gradients. SIMU trains the selected neuron slices through compact
+leaves outside the module (`optim.SliceLeaves`), and Sophia's GNB / Hutchinson estimates come from
+`torch.autograd.grad`, which DDP does not see. Reducing the compact gradients ourselves keeps the
+communication, like the optimiser state, proportional to the mask, and entries outside the mask are
+never touched: they stay bit-identical to the original on every process.
+
+Only the main process (rank 0) writes run folders. On one process (no launcher) `current()` returns
+a group of one whose shard is the whole batch and whose reductions are the identity (accelerate is
+not even imported), so single-process runs are unchanged bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from simu_core.errors import SimuError
+from simu_core.models import pick_device
+
+Batch = dict[str, torch.Tensor]
+
+
+def launched_world_size() -> int:
+    """Number of processes a launcher (accelerate launch / torchrun) started, from WORLD_SIZE (1 if none)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+@dataclass
+class Share:
+    """This process's part of one global batch: its rows, and its share of the global answer tokens
+    and rows (the weights of the token-mean and per-sequence loss terms; 1.0 on one process).
+    `empty` marks a process that got no row (a short last batch): it runs one row with weight 0."""
+
+    batch: Batch
+    token_weight: float
+    row_weight: float
+    empty: bool = False
+
+
+def answer_tokens(batch: Batch) -> int:
+    """Answer tokens of a collated batch (the positions its mean NLL averages over)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def share_of(batch: Batch, local: Batch) -> Share:
+    """The `Share` of `local`, some rows of the global `batch`: weights are its fractions of the global
+    answer tokens and rows (they sum to 1 over a partition of the rows). No rows: one row at weight 0."""
+    if local["input_ids"].shape[0] == 0:  # a short last batch: keep a graph, contribute nothing
+        return Share({k: v[:1] for k, v in batch.items()}, 0.0, 0.0, empty=True)
+    tokens = answer_tokens(local) / max(1, answer_tokens(batch))
+    return Share(local, tokens, local["input_ids"].shape[0] / batch["input_ids"].shape[0])
+
+
+class Group:
+    """The processes of one run (a group of one without a launcher).
+
+    `rank` / `world` / `device` as Accelerate's `PartialState` sets them up (gloo on CPU, NCCL on
+    CUDA); `is_main` is rank 0.
+    """
+
+    def __init__(self, prefer_device: str | None = None) -> None:
+        self.world = launched_world_size()
+        self._state = None
+        if self.world == 1:
+            self.rank, self.device = 0, pick_device(prefer_device)
+            return
+        from accelerate import PartialState
+
+        cpu = prefer_device == "cpu" or (prefer_device in (None, "auto") and not torch.cuda.is_available())
+        self._state = PartialState(cpu=cpu)
+        self.rank = self._state.process_index
+        device = self._state.device
+        self.device = torch.device("cpu") if device.type == "cpu" else device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str | None:
+        return None if self._state is None else self._state.backend
+
+    def shard(self, batch: Batch | None) -> Share | None:
+        """This process's rows of `batch` (contiguous, sizes differ by at most one) and their weights."""
+        if batch is None:
+            return None
+        if self.world == 1:
+            return Share(batch, 1.0, 1.0)
+        with self._state.split_between_processes(dict(batch)) as part:  # it replaces a dict's values in place
+            return share_of(batch, dict(part))
+
+    def reduce_sum(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Element-wise sums over the processes of each tensor (None stays None), in one collective.
+
+        Every process must pass tensors of the same shapes in the same order (None in the same places).
+        """
+        if self.world == 1:
+            return list(tensors)
+        from accelerate.utils import reduce
+
+        present = [t for t in tensors if t is not None]
+        if not present:
+            return list(tensors)
+        flat = torch.cat([t.detach().reshape(-1).to(present[0].dtype) for t in present])
+        total = reduce(flat, reduction="sum")
+        out, offset = [], 0
+        for t in tensors:
+            if t is None:
+                out.append(None)
+                continue
+            out.append(total[offset : offset + t.numel()].view(t.shape).to(t.dtype))
+            offset += t.numel()
+        return out
+
+    def reduce_mean(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Element-wise means over the processes (e.g. curvature estimates: each is unbiased, so is their mean)."""
+        if self.world == 1:
+            return list(tensors)
+        return [t / self.world for t in self.reduce_sum(tensors)]
+
+    def any(self, flag: bool) -> bool:
+        """True when `flag` is set on any process (a collective: every process must call it)."""
+        if self.world == 1:
+            return flag
+        return bool(self.reduce_sum([torch.tensor([float(flag)], device=self.device)])[0].item() > 0)
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every process's `items`, concatenated in rank order (Accelerate's `gather_object`)."""
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def split(self, items: Sequence[Any]) -> list[Any]:
+        """This process's contiguous part of `items` (Accelerate's `split_between_processes`)."""
+        if self.world == 1:
+            return list(items)
+        with self._state.split_between_processes(list(items)) as part:
+            return list(part)
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+
+_GROUPS: dict[str | None, Group] = {}
+
+
+def current(prefer_device: str | None = None) -> Group:
+    """The group of this process (made once per process and device preference)."""
+    if prefer_device not in _GROUPS:
+        _GROUPS[prefer_device] = Group(prefer_device)
+    return _GROUPS[prefer_device]
+
+
+def check_batch_sizes(group: Group, *sizes: int) -> None:
+    """SimuError when a batch has fewer rows than there are processes (some would never get data)."""
+    small = [s for s in sizes if s < group.world]
+    if small:
+        raise SimuError(
+            f"batch size {min(small)} is smaller than the {group.world} processes: every process needs at least "
+            f"one row. Raise --batch-size / --retain-batch-size to >= {group.world} or launch fewer processes."
+        )

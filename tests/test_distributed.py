@@ -1,0 +1,147 @@
+"""Several processes: shares of a batch, the launcher's arguments, and two gloo processes against one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from simu_core import data as qa
+from simu_core.distributed import Group, check_batch_sizes, share_of
+from simu_core.errors import SimuError
+from simu_core.losses import LossInputs, get_loss
+
+
+def _batch(full_model, dataset: str, builtin_dir, rows: int) -> dict:
+    items = qa.load_data(str(builtin_dir / "data" / f"{dataset}.jsonl")).items[:rows]
+    encoded = qa.encode_dataset(full_model.tokenizer, full_model.fmt, qa.QADataset(dataset, items))
+    return qa.collate(encoded, qa.pad_id_of(full_model.tokenizer))
+
+
+def _grads(model, loss_name: str, forget, retain, forget_weight=1.0, retain_weight=1.0) -> list[torch.Tensor]:
+    inputs = LossInputs(model, forget, retain, model, 2.0, 0.1, forget_weight, retain_weight)
+    params = [p for p in model.parameters()]
+    return torch.autograd.grad(get_loss(loss_name)(inputs).total, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("loss", ["graddiff", "npo"])
+def test_weighted_shards_sum_to_the_full_batch_gradient(full_model, builtin_dir, loss):
+    """The processes' weighted gradients add up to the one-process gradient (token shares for the
+    token-mean terms, row shares for NPO's per-sequence term), however unevenly the tokens split."""
+    import copy
+
+    model = copy.deepcopy(full_model.model).float().eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    forget, retain = _batch(full_model, "forget10", builtin_dir, 5), _batch(full_model, "retain10", builtin_dir, 6)
+    full = _grads(model, loss, forget, retain)
+    total = [torch.zeros_like(g) for g in full]
+    for rows_f, rows_r in ((slice(0, 3), slice(0, 2)), (slice(3, 5), slice(2, 6))):
+        f = share_of(forget, {k: v[rows_f] for k, v in forget.items()})
+        r = share_of(retain, {k: v[rows_r] for k, v in retain.items()})
+        weight = f.row_weight if loss == "npo" else f.token_weight
+        for acc, g in zip(total, _grads(model, loss, f.batch, r.batch, weight, r.token_weight), strict=True):
+            acc += g
+    for a, b in zip(full, total, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_process_without_rows_gets_one_row_at_weight_zero(full_model, builtin_dir):
+    batch = _batch(full_model, "forget10", builtin_dir, 2)
+    share = share_of(batch, {k: v[2:] for k, v in batch.items()})
+    assert share.empty and share.token_weight == 0.0 and share.batch["input_ids"].shape[0] == 1
+
+
+def test_one_process_is_the_identity():
+    group = Group("cpu")
+    t = torch.arange(3.0)
+    assert group.world == 1 and group.is_main and group.reduce_sum([t, None])[0] is t
+    assert group.split([1, 2, 3]) == [1, 2, 3] and group.any(True) and not group.any(False)
+
+
+def test_batches_smaller_than_the_process_count_are_refused():
+    group = Group("cpu")
+    group.world = 4  # as a 4-process launch would see it
+    with pytest.raises(SimuError, match="smaller than the 4 processes"):
+        check_batch_sizes(group, 8, 2)
+
+
+def test_the_processes_flag_is_dropped_from_what_the_launcher_runs():
+    from simu_core.cli import _without_processes
+
+    argv = ["unlearn", "--processes", "2", "--steps", "3", "--processes=4", "--json"]
+    assert _without_processes(argv) == ["unlearn", "--steps", "3", "--json"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_weights(builtin_dir, tmp_path, capfd):
+    """`--processes 2` (accelerate launch, gloo) against one process, same seed and settings.
+
+    Tolerance: the two processes' gradients are each a weighted mean over their rows, summed across
+    processes; one process takes one mean over all rows. The float sums run in a different order, so
+    gradients differ in the last bits (~1e-7 relative). Sophia's clip(m / max(rho h, eps), -1, 1)
+    passes most coordinates at exactly +-lr, but where m nearly cancels, the small difference is
+    amplified; measured: 3 of 21,840 entries differ by more than 1e-8, the largest by 2.4e-5 after
+    8 steps at lr 1e-3. So: every entry within lr / 10, and 99.9% within 1e-6. `sqgrad` (curvature
+    from the summed gradient) makes the curvature the same too; GNB samples labels per process.
+    Entries outside the mask never change: bit-identical to the base model in both runs.
+    """
+    from simu_core.cli import main
+    from simu_core.models import load_model
+    from simu_core.neurons import NeuronMask
+    from simu_core.runs import load_run
+
+    args = ["unlearn", "--model", str(builtin_dir / "models" / "full"),
+            "--forget", str(builtin_dir / "data" / "forget10.jsonl"),
+            "--retain", str(builtin_dir / "data" / "retain10.jsonl"), "--method", "simu",
+            "--mask-method", "grad_x_act", "--estimator", "sqgrad", "--steps", "8", "--batch-size", "8",
+            "--retain-batch-size", "8", "--no-early-stop", "--device", "cpu", "--json"]  # fmt: skip
+    folders = {}
+    for n in (1, 2):
+        assert main([*args, "--runs-dir", str(tmp_path / str(n)), "--processes", str(n)]) == 0
+        summary = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+        assert summary["processes"] == n and summary["status"] == "ok"
+        folders[n] = summary["run_dir"]
+        assert len(list((tmp_path / str(n)).iterdir())) == 1  # only the main process wrote a folder
+    base = load_model(str(builtin_dir / "models" / "full"), device="cpu").model.state_dict()
+    one, two = (load_run(folders[n], device="cpu").model.state_dict() for n in (1, 2))
+    mask = NeuronMask.load(f"{folders[1]}/mask.safetensors")
+    assert torch.equal(torch.cat([m.flatten() for m in mask.layers]),
+                       torch.cat([m.flatten() for m in NeuronMask.load(f"{folders[2]}/mask.safetensors").layers]))  # fmt: skip
+    diffs = []
+    for name, w in base.items():
+        if "mlp" not in name:  # attention off in the preset: untouched everywhere
+            assert torch.equal(one[name], w) and torch.equal(two[name], w), name
+            continue
+        layer = int(name.split("layers.")[1].split(".")[0])
+        keep = mask.layers[layer].bool()
+        dim = 1 if "down_proj" in name else 0
+        outside = (~keep).nonzero().flatten()
+        assert torch.equal(two[name].index_select(dim, outside), w.index_select(dim, outside)), name
+        assert torch.equal(one[name].index_select(dim, outside), w.index_select(dim, outside)), name
+        diffs.append((one[name] - two[name]).abs().flatten())
+    diff = torch.cat(diffs)
+    assert float(diff.max()) <= 1e-3 / 10
+    assert float((diff <= 1e-6).float().mean()) >= 0.999
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_attribute_like_one(builtin_dir, tmp_path, capfd):
+    """Each process scores its half of the items; the per-neuron sums over items, added across the two
+    processes, equal one process's up to float summation order (relative 1e-4 of the layer's largest)."""
+    from simu_core.cli import main
+    from simu_core.neurons import NeuronScores
+
+    args = ["attribute", "--model", str(builtin_dir / "models" / "full"),
+            "--data", str(builtin_dir / "data" / "forget10.jsonl"), "--method", "simu_ig", "--steps", "3",
+            "--device", "cpu", "--json"]  # fmt: skip
+    scores = {}
+    for n in (1, 2):
+        out = tmp_path / f"scores{n}.safetensors"
+        assert main([*args, "--out", str(out), "--processes", str(n)]) == 0
+        assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["processes"] == n
+        scores[n] = NeuronScores.load(out)
+    assert scores[1].n_examples == scores[2].n_examples == 20
+    for one, two in zip(scores[1].layers, scores[2].layers, strict=True):
+        torch.testing.assert_close(two, one, rtol=0, atol=1e-4 * float(one.abs().max()))
