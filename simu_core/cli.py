@@ -431,7 +431,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
 
     from simu_core import distributed
     from simu_core.runs import run_unlearning
-    from simu_core.unlearn import preset_config
+    from simu_core.unlearn import preset_config, validate_config
 
     if _launched_elsewhere(args):
         return None  # the main process printed the summary
@@ -452,22 +452,43 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
         config.stop_forget_em = config.stop_forget_loss = config.stop_forget_rouge = None
 
     def progress(record) -> None:
-        if group.is_main and record.step % 10 == 0 or record.step == record.steps or record.forget_em is not None:
+        if group.is_main and (record.step % 10 == 0 or record.step == record.steps or record.forget_em is not None):
             em = "" if record.forget_em is None else f", forget EM {record.forget_em:.3f}"
             stderr_progress(f"step {record.step}: forget {record.forget_loss:.3f}, retain {record.retain_loss or 0:.3f}"
                             f"{em}, ETA {record.eta:.0f}s", record.step / record.steps)  # fmt: skip
 
+    validate_config(config)  # bad settings fail before anything loads
+    given, check = ({}, None) if group.world > 1 else _checked_inputs(config)  # one process: check first
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop and save as cancelled
     try:
-        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel)
+        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel, **given)
     finally:
         signal.signal(signal.SIGINT, previous)
     if not group.is_main:
         return None  # only the main process reports (and wrote the run folder)
+    if check is not None:
+        check.save(run_dir)  # the run says whether the model knew its forget set before it started
     if result.status == "failed":
         raise SimuError(f"{result.error} (run saved, marked failed: {run_dir})")
-    return {"run_dir": str(run_dir), **result.summary(), "processes": group.world}
+    knowledge = {"knowledge_check": check.verdict} if check is not None else {}
+    return {"run_dir": str(run_dir), **result.summary(), **knowledge, "processes": group.world}
+
+
+def _checked_inputs(config) -> tuple[dict, object]:
+    """The run's base model and data, loaded once, and the knowledge check on them (warned on stderr when
+    the model does not know its forget set: there is nothing to unlearn)."""
+    from simu_core import data as qa
+    from simu_core.knowledge_check import check_knowledge
+    from simu_core.models import load_model
+
+    base = load_model(config.model, device=config.device)
+    forget = qa.load_data(config.forget)
+    retain = qa.load_data(config.retain) if config.retain else None
+    check = check_knowledge(base, forget, retain)
+    if not check.knows:
+        print(f"warning: nothing to unlearn? {check.reason}", file=sys.stderr)
+    return {"base": base, "forget": forget, "retain": retain}, check
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,3 +91,20 @@ def test_saved_check_reads_back(tmp_path, full_model):
     back = kc.load_check(tmp_path)
     assert back == check and math.isfinite(back.forget.nll)
     assert kc.load_check(tmp_path / "nothing") is None
+
+
+def test_cli_unlearn_warns_when_the_model_does_not_know_its_forget_set(builtin_dir, tmp_path, capsys):
+    import json
+
+    from simu_core.cli import main
+
+    unseen = tmp_path / "companies.jsonl"
+    qa.write_jsonl(UNSEEN.items, unseen)
+    code = main(["unlearn", "--model", str(builtin_dir / "models" / "full"), "--forget", str(unseen),
+                 "--retain", str(builtin_dir / "data" / "retain10.jsonl"), "--method", "fo_graddiff", "--steps", "2",
+                 "--batch-size", "2", "--retain-batch-size", "8", "--runs-dir", str(tmp_path / "runs"), "--json"])  # fmt: skip
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert code == 0 and "nothing to unlearn?" in out.err
+    assert summary["knowledge_check"] == kc.UNKNOWN
+    assert kc.load_check(summary["run_dir"]).verdict == kc.UNKNOWN  # stored with the run
