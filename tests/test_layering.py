@@ -38,6 +38,7 @@ LAYERS = {
     "simu_core.knowledge_facts": 0,  # plain fact tables
     "simu_core.knowledge": 5,  # the real-knowledge benchmark, built for a model
     "simu_core.neurons": 5,
+    "simu_core.targets": 5,  # attribution targets: the rows (value spans, subjects, matched items) of a data set
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
     "simu_core.attribution": 6,
     "simu_core.masks": 6,
