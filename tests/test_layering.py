@@ -55,6 +55,7 @@ LAYERS = {
     "simu_core.metrics.driver": 6,
     # unlearning (stage 2 and the baselines)
     "simu_core.unlearn": 7,
+    "simu_core.localise": 7,  # the localisation check (ablate a mask against random masks)
     # run folders
     "simu_core.runs": 8,
     # mode connectivity between models and runs
