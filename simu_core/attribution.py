@@ -23,6 +23,15 @@ Which positions are scaled (`positions=`):
   token before the last answer token) are scaled; the rest keep their real activations. This is
   closest to the per-sample next-token reading of SIMU/DEPN; it equals Captum IG with baseline
   `a * (1 - answer_positions)`.
+- `subject`: only the subject's tokens in the prompt (`targets.subject_positions`), where fact
+  lookup happens; Captum IG with baseline `a * (1 - subject_positions)`.
+
+Targets and baselines (`targets`): `target=` picks the objective (`answer` above, `fact`: the value
+tokens only, `contrastive`: true minus mean perturbed answers, as signed rows `row_weight`);
+`baseline="counterfactual"` starts the path at the activations `b` of a matched input (same
+question, another subject) instead of zero: the injected value is `b + s (a - b)` and a score sums
+`(a - b) * dL/da`, so completeness becomes `L(real) - L(layer l set to b)`. The `patching` method
+computes each neuron's exact patching effect to check IG against (small models only).
 
 Methods (registry `METHODS`, name -> function):
 - `simu_ig`: `Att_l[k] = (1/m) sum_j sum_{i,t} beta * dL/da |_{a = (j/m) beta}`, Riemann right
