@@ -282,6 +282,7 @@ def targets_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description="attribution targets: ablation selectivity and z-scores")
     parser.add_argument("--targets", action="store_true")
     parser.add_argument("--root", default=None, help="built-in folder (default: see module docstring)")
+    parser.add_argument("--model", default="builtin:full", help="model spec (builtin:smollm2: the real model)")
     parser.add_argument("--forget", default="builtin:forget10")
     parser.add_argument("--retain", default="builtin:retain10")
     parser.add_argument("--retain-scored", type=int, default=400, help="first retain items attributed (preset: 400)")
@@ -295,15 +296,18 @@ def targets_main(argv: list[str]) -> None:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     root, why = pick_root(args.root)
-    loaded = load_model("builtin:full", device="cpu", root=root)
+    loaded = load_model(args.model, device="cpu", root=root)
     forget = qa.load_data(args.forget, root=root)
     retain = qa.load_data(args.retain, root=root)
     scored = qa.QADataset("retain_scored", retain.items[: args.retain_scored])
     checked = qa.QADataset(
         "retain_checked", retain.items[args.retain_scored : args.retain_scored + args.retain_checked]
     )
-    manifest = read_manifest(root) or {}
-    print(f"model: {root} ({why}); forget {len(forget)}, retain scored {len(scored)}, checked {len(checked)}")
+    manifest = (read_manifest(root) or {}) if args.model == "builtin:full" else {}
+    why = why if args.model == "builtin:full" else "not the built-in"
+    print(
+        f"model: {args.model} {root} ({why}); forget {len(forget)}, retain scored {len(scored)}, checked {len(checked)}"
+    )
     preset = preset_config("simu").mask
     cache: dict[tuple, tuple] = {}
 
@@ -362,7 +366,7 @@ def targets_main(argv: list[str]) -> None:
     load_end = os.getloadavg()
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_end}")
     write_json(args.out, {
-        "model_root": str(root), "model_choice": why, "model_config": manifest.get("config"),
+        "model": args.model, "model_root": str(root), "model_choice": why, "model_config": manifest.get("config"),
         "data_digest": manifest.get("data_digest"), "forget": args.forget, "n_forget": len(forget),
         "retain": args.retain, "retain_scored": len(scored), "retain_checked": len(checked),
         "n_random": args.random, "preset_mask": preset_mask.summary(), "threads": args.threads,

@@ -20,7 +20,7 @@ Targets (registry `TARGETS`):
   and put into the *answer's* template, so true and wrong rows differ only in the value tokens (the
   shared prefix then cancels exactly). Other perturbed answers are used as given (with a note).
 
-Positions and baselines need the item's *subject* (`subject` column, else `author`), which must occur
+Positions and baselines need the item's *subject* (`subject` column, else `author`, else `entity`), which must occur
 in the question: `subject` positions are its prompt tokens; the `counterfactual` baseline runs the
 prompt of a matched item (the same question with another subject of the data set, chosen in sorted
 order after this one among those whose prompt has the same token count) followed by this row's answer
@@ -118,8 +118,9 @@ def fact_encode(tokenizer, fmt: qa.PromptFormat, question: str, answer: str, spa
 
 
 def subject_of(item: dict) -> str | None:
-    """The item's subject (`subject` column, else `author`), when it occurs in the question."""
-    subject = item.get("subject") or item.get("author")
+    """The item's subject (`subject` column, else `author`, else `entity` as in the real-knowledge
+    benchmark), when it occurs in the question."""
+    subject = item.get("subject") or item.get("author") or item.get("entity")
     return subject if isinstance(subject, str) and subject and subject in item["question"] else None
 
 

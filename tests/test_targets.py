@@ -84,6 +84,12 @@ def test_subject_positions_are_the_author_tokens_of_the_prompt(full_model, forge
         assert max(row.subject) < row.enc.n_prompt
 
 
+def test_the_real_knowledge_benchmark_entity_is_the_subject(full_model):
+    items = [{"question": "The capital of France is", "answer": "Paris", "entity": "France"}]
+    row = tg.prepare(full_model.tokenizer, full_model.fmt, qa.QADataset("k", items), subject=True).rows[0]
+    assert full_model.tokenizer.decode([row.enc.ids[p] for p in row.subject]).strip() == "France"
+
+
 def test_subject_positions_need_a_subject_in_the_question(full_model):
     items = [{"question": "What is 2 plus 2?", "answer": "4."}]
     with pytest.raises(SimuError, match="Add a 'subject'"):
