@@ -48,6 +48,7 @@ from simu_core.arch import neuron_layers  # noqa: E402
 from simu_core.attribution import METHODS, attribute, batch_loglik, injected, make_batches  # noqa: E402
 from simu_core.builtin import make_tiny_llama, read_manifest, train_tokenizer  # noqa: E402
 from simu_core.config import BuiltinConfig  # noqa: E402
+from simu_core.errors import SimuError  # noqa: E402
 from simu_core.masks import make_mask, overlap, random_mask_like  # noqa: E402
 from simu_core.models import LoadedModel, load_model  # noqa: E402
 from simu_core.neurons import NeuronMask  # noqa: E402
@@ -287,6 +288,9 @@ def targets_main(argv: list[str]) -> None:
     parser.add_argument("--retain", default="builtin:retain10")
     parser.add_argument("--retain-scored", type=int, default=400, help="first retain items attributed (preset: 400)")
     parser.add_argument("--retain-checked", type=int, default=600, help="retain items after those, for the check")
+    parser.add_argument(
+        "--check-retain", default=None, help="data spec of the check's retain items (default: see above)"
+    )
     parser.add_argument("--random", type=int, default=20, help="random masks per variant")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all)")
@@ -303,6 +307,8 @@ def targets_main(argv: list[str]) -> None:
     checked = qa.QADataset(
         "retain_checked", retain.items[args.retain_scored : args.retain_scored + args.retain_checked]
     )
+    if args.check_retain:
+        checked = qa.load_data(args.check_retain, root=root)
     manifest = (read_manifest(root) or {}) if args.model == "builtin:full" else {}
     why = why if args.model == "builtin:full" else "not the built-in"
     print(
@@ -329,7 +335,12 @@ def targets_main(argv: list[str]) -> None:
     chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
     rows = []
     for name, target, baseline, positions, aggregate in chosen:
-        f, r, seconds = scores_for(target, baseline, positions)
+        try:
+            f, r, seconds = scores_for(target, baseline, positions)
+        except SimuError as err:  # e.g. no matched item for the counterfactual baseline on a small set
+            rows.append({"variant": name, "error": str(err)})
+            print(f"  {name}: {err}", file=sys.stderr)
+            continue
         if aggregate == "forget_minus_retain":
             ranked = combined_scores(f, r, score="forget_minus_retain")
         else:
@@ -351,7 +362,7 @@ def targets_main(argv: list[str]) -> None:
 
     print(f"\n{'variant':<34}{'n':>5}{'ovl':>5}  fact: {'dF':>7}{'dR':>7}{'sel':>6}{'zF':>6}{'zR':>6}{'zSel':>6}"
           f"  answer: {'dF':>7}{'dR':>7}{'sel':>6}{'zSel':>6}")  # fmt: skip
-    for row in rows:
+    for row in [r for r in rows if "error" not in r]:
         fa, an, zf, za = row["rises"]["fact"], row["rises"]["answer"], row["z"]["fact"], row["z"]["answer"]
         print(f"{row['variant']:<34}{row['neurons']:>5}{row['overlap_with_preset']:>5.2f}  "
               f"      {fa['forget_rise']:>7.4f}{fa['retain_rise']:>7.4f}{fa['selectivity']:>6.2f}"
