@@ -101,9 +101,9 @@ steps = mid.number_input(
 steps = 1 if one_step else int(steps)
 own_path = method in att.OWN_PATH  # other baselines/targets and per-item scores need simu_core's own path
 t1, t2, t3 = st.columns(3)
-target = t1.selectbox("Target", tg.TARGETS if own_path else ("answer", "fact"), key="att_target",
+target = t1.selectbox("Target", tg.TARGETS if own_path else ("answer", "fact"), key=f"att_target_{own_path}",
                       help="\n\n".join(f"**{k}**: {v}" for k, v in TARGET_HELP.items()))  # fmt: skip
-baseline = t2.selectbox("Baseline", tg.BASELINES if own_path else ("zero",), key="att_baseline",
+baseline = t2.selectbox("Baseline", tg.BASELINES if own_path else ("zero",), key=f"att_baseline_{own_path}",
                         help="\n\n".join(f"**{k}**: {v}" for k, v in BASELINE_HELP.items()))  # fmt: skip
 positions = t3.selectbox("Positions", att.POSITIONS, key="att_positions",
                          help="\n\n".join(f"**{k}**: {v}" for k, v in POSITIONS_HELP.items()))  # fmt: skip

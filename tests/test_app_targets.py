@@ -16,7 +16,7 @@ from tests.test_app import app, app_home, attribution_ready, poll, texts  # noqa
 def test_fact_target_consistency_selection_and_its_localisation_check(app, full_model, builtin_dir):  # noqa: F811
     attribution_ready(app)
     assert {"Target", "Baseline", "Positions"} <= {s.label for s in app.selectbox}
-    app.selectbox(key="att_target").set_value("fact").run()
+    app.selectbox(key="att_target_True").set_value("fact").run()  # grad_x_act: on the own path
     poll(app, lambda a: len(a.get("plotly_chart")) >= 3 or a.error, "the fact-target charts")
     app.selectbox(key="att_score").set_value("forget").run()
     app.selectbox(key="att_dual").set_value("include").run()
