@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import streamlit as st
@@ -23,10 +24,12 @@ from pages.common import (
 from simu_core import attribution as att
 from simu_core import data as qa
 from simu_core import figures
+from simu_core import localise as loc
+from simu_core import targets as tg
 from simu_core.arch import count_parameters
 from simu_core.errors import SimuError
 from simu_core.jobs import item_weighted
-from simu_core.masks import DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, trainable_count
+from simu_core.masks import AGGREGATES, DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, trainable_count
 from simu_core.neurons import param_counts
 from simu_core.unlearn import preset_config
 
@@ -39,6 +42,25 @@ METHOD_HELP = {
     "captum_gxa": "Captum LayerGradientXActivation (same as grad_x_act; the reference).",
     "captum_layer_ig": "Captum LayerIntegratedGradients: baseline = an all-padding input, not zero activations.",
     "captum_conductance": "Captum LayerConductance: interpolates the input embeddings from zero.",
+}
+TARGET_HELP = {
+    "answer": "SIMU: the log-likelihood of every answer token (name and template tokens included).",
+    "fact": "Only the fact's value tokens (built-in templates mark them; uploads may add a fact_span column).",
+    "contrastive": "log p(true answer) − mean log p(perturbed answers): what true and wrong answers share cancels.",
+}
+BASELINE_HELP = {
+    "zero": "SIMU: integrate from zero activations.",
+    "counterfactual": "Integrate from the activations of a matched item (same question, another author).",
+}
+POSITIONS_HELP = {
+    "all": "SIMU: scale the layer at every position (prompt included).",
+    "answer": "Scale only the positions that predict answer tokens.",
+    "subject": "Scale only the subject's (author's) tokens in the prompt, where fact lookup happens.",
+}
+AGGREGATE_HELP = {
+    "sum": "SIMU: rank by the summed score (the Score setting applies).",
+    "consistency": "Share of forget items with the neuron in their top-k minus that share on retain items.",
+    "ratio": "Forget score / (retain score + eps), both clipped at 0 and scaled per layer.",
 }
 RULE_HELP = {
     "layer_threshold": "SIMU: neuron k of layer l is critical if its score > t × the layer's top score.",
@@ -80,13 +102,31 @@ steps = mid.number_input(
     help="Integration steps (SIMU uses 3–5). More steps: closer to the exact integral, proportionally slower.",
 )
 steps = 1 if one_step else int(steps)
-here = (loaded.spec, loaded.source, str(loaded.device), method, steps)  # source: the same spec in another home
+own_path = method in att.OWN_PATH  # other baselines/targets and per-item scores need simu_core's own path
+t1, t2, t3 = st.columns(3)
+target = t1.selectbox("Target", tg.TARGETS if own_path else ("answer", "fact"), key=f"att_target_{own_path}",
+                      help="\n\n".join(f"**{k}**: {v}" for k, v in TARGET_HELP.items()))  # fmt: skip
+baseline = t2.selectbox("Baseline", tg.BASELINES if own_path else ("zero",), key=f"att_baseline_{own_path}",
+                        help="\n\n".join(f"**{k}**: {v}" for k, v in BASELINE_HELP.items()))  # fmt: skip
+positions = t3.selectbox("Positions", att.POSITIONS, key="att_positions",
+                         help="\n\n".join(f"**{k}**: {v}" for k, v in POSITIONS_HELP.items()))  # fmt: skip
+how = {"target": target, "baseline": baseline, "positions": positions, "per_item": own_path}
+here = (
+    loaded.spec,
+    loaded.source,
+    str(loaded.device),
+    method,
+    steps,
+    target,
+    baseline,
+    positions,
+)  # source: another home
 keys = {"forget": ("scores", *here, dataset_key(forget)), "retain": ("scores", *here, dataset_key(retain_part))}
 key = (keys["forget"], keys["retain"])  # the scores a selection is made from
 store = result_store()
 
 
-def compute_scores(ctx, loaded, todo: dict, method: str, steps: int, store: dict) -> None:
+def compute_scores(ctx, loaded, todo: dict, method: str, steps: int, store: dict, how: dict | None = None) -> None:
     """Job: the scores of each data set in `todo` ({role: (dataset, key)}), each stored under its key as soon
     as it is ready, so the page can draw the forget scores while the retain scores are computed (worker thread)."""
     sizes = [len(dataset) for dataset, _ in todo.values()]  # progress by items: the retain part is the larger
@@ -98,7 +138,7 @@ def compute_scores(ctx, loaded, todo: dict, method: str, steps: int, store: dict
             ctx.report(item_weighted(sizes, i, fraction), f"{role} set ({n} items): {message}")
 
         try:
-            store[key] = att.attribute(loaded, dataset, method=method, steps=steps, progress=progress)
+            store[key] = att.attribute(loaded, dataset, method=method, steps=steps, progress=progress, **(how or {}))
         except SimuError:
             if ctx.cancelled:
                 return
@@ -109,7 +149,7 @@ def start_scores() -> None:
     """Queue the missing scores (a running job for other settings is no longer wanted: cancel it)."""
     if job_busy("attribution") and st.session_state.get("att_job_for") != key:
         session_job("attribution").cancel()
-    job = partial(compute_scores, loaded=loaded, todo=todo, method=method, steps=steps, store=store)
+    job = partial(compute_scores, loaded=loaded, todo=todo, method=method, steps=steps, store=store, how=how)
     submit_job("attribution", f"Attribution ({method}, m={steps})", job)
     st.session_state["att_job_for"] = key
 
@@ -188,18 +228,26 @@ def selection() -> None:
     )
     with c2:
         value = rule_value(rule, saved.get("value") if saved.get("rule") == rule else None, min(forget_scores.widths()))
+    a1, a2 = st.columns([1, 3])
+    aggregates = AGGREGATES if forget_scores.items is not None else ("sum", "ratio")
+    aggregate = a1.selectbox("Aggregation", aggregates, key="att_aggregate",
+                             help="\n\n".join(f"**{k}**: {v}" for k, v in AGGREGATE_HELP.items()))  # fmt: skip
+    top_k = 1.0
+    if aggregate == "consistency":
+        top_k = a2.slider("Top-k per item (% of all neurons)", 0.1, 10.0, 1.0, 0.1, key="att_top_k")
+    agg = {"aggregate": aggregate, "top_k": top_k}
     try:
-        mask = make_mask(forget_scores, rule, value, retain=retain_scores, dual="include", score=score)
+        mask = make_mask(forget_scores, rule, value, retain=retain_scores, dual="include", score=score, **agg)
         retain_critical = make_mask(retain_scores, rule, value)
     except SimuError as err:
         st.error(f"**Cannot select neurons with these settings.** {err}")
         return
     duals = [m & r for m, r in zip(mask.layers, retain_critical.layers, strict=True)]
     if dual == "exclude":
-        mask = make_mask(forget_scores, rule, value, retain=retain_scores, dual="exclude", score=score)
+        mask = make_mask(forget_scores, rule, value, retain=retain_scores, dual="exclude", score=score, **agg)
     st.session_state["mask_choice"] = {
         "key": key, "model": loaded.spec, "device": str(loaded.device), "forget": dataset_key(forget),
-        "rule": rule, "value": value, "score": score, "dual": dual,
+        "rule": rule, "value": value, "score": score, "dual": dual, **agg,
     }  # fmt: skip
 
     counts = forget_scores.counts() or param_counts(loaded.model)
@@ -250,6 +298,71 @@ def rule_value(rule: str, saved: float | None, narrowest: int) -> float:
 
 
 selection()
+
+
+# --------------------------------------------------------------------------- localisation check
+def run_check(ctx, loaded, mask, forget, retain, key: tuple, store: dict) -> tuple:
+    """Job: the localisation check of one selection (worker thread)."""
+
+    def progress(message: str, fraction: float) -> None:
+        if ctx.cancelled:
+            raise SimuError("cancelled")
+        ctx.report(fraction, message)
+
+    store[key] = loc.localise(loaded, mask, forget, retain, n_random=20, progress=progress)
+    return key
+
+
+def localisation_section() -> None:
+    """Zero the selected neurons and compare the loss rises with 20 random masks of the same per-layer sizes."""
+    st.subheader("Localisation check")
+    st.caption(
+        "Before unlearning: zero the selected neurons and measure how much the forget and the retain loss rise "
+        "(nats per token; on all answer tokens and on the fact's value tokens), against 20 seeded random masks with "
+        "the same number of neurons per layer (z = (mask − random mean) / random sd). A mask that holds the forget "
+        "set's facts raises the forget loss far more than random ones, and the retain loss not much more."
+    )
+    choice = st.session_state.get("mask_choice")
+    if not choice or choice.get("key") != key:
+        st.info("Select neurons above first.")
+        return
+    params = {k: choice[k] for k in ("score", "dual", "aggregate", "top_k")}
+    mask = make_mask(forget_scores, choice["rule"], choice["value"], retain=retain_scores, **params)
+    held_out = retain.items[PRESET.mask.retain_limit : PRESET.mask.retain_limit + 400] or retain_part.items
+    check_retain = qa.QADataset(f"{retain.name} (not scored)", held_out)
+    check_key = ("localise", *key, json.dumps({k: choice[k] for k in ("rule", "value", *params)}, default=str))
+    job = partial(run_check, loaded=loaded, mask=mask, forget=forget, retain=check_retain, key=check_key, store=store)
+    launch_button("Run the localisation check", "localise", "Localisation check", job,
+                  disabled=check_key in store or mask.total() == 0)  # fmt: skip
+    if check_key not in store:
+        follow_job("localise", "run the localisation check")
+        return
+    result = store[check_key]
+    st.dataframe(localisation_table(result), hide_index=True, width="stretch")
+    st.caption(
+        f"{result.neurons} neurons zeroed; forget: {result.n_forget} items, retain: {result.n_retain} items the "
+        "retain scores did not use. " + " ".join(result.notes)
+    )
+
+
+def localisation_table(result: loc.Localisation) -> list[dict]:
+    """One row per token set: rises, selectivity and their z-scores."""
+
+    def z(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.1f}"
+
+    rows = []
+    for name in loc.TOKEN_SETS:
+        r, zs = result.rises[name], result.z[name]
+        rows.append({
+            "tokens": name, "forget rise": round(r["forget_rise"], 4), "z forget": z(zs["forget_rise"]),
+            "retain rise": round(r["retain_rise"], 4), "z retain": z(zs["retain_rise"]),
+            "selectivity (forget / retain)": round(r["selectivity"], 2), "z selectivity": z(zs["selectivity"]),
+        })  # fmt: skip
+    return rows
+
+
+localisation_section()
 
 
 # --------------------------------------------------------------------------- one example, token by token

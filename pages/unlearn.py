@@ -153,10 +153,13 @@ if METHODS[method].mask is not None:
         matches = matches and all(k in store for k in choice["key"])
         if matches:
             f, r = (store[k] for k in choice["key"])
-            mask = make_mask(f, choice["rule"], choice["value"], retain=r, dual=choice["dual"], score=choice["score"])
+            agg = {"aggregate": choice.get("aggregate", "sum"), "top_k": choice.get("top_k", 1.0)}
+            mask = make_mask(f, choice["rule"], choice["value"], retain=r, dual=choice["dual"], score=choice["score"],
+                             **agg)  # fmt: skip
             mask_config = MaskConfig(
-                f.method, f.steps, choice["rule"], choice["value"], choice["dual"], choice["score"]
-            )
+                f.method, f.steps, choice["rule"], choice["value"], choice["dual"], choice["score"],
+                target=f.target, baseline=f.baseline, positions=f.positions, **agg,
+            )  # fmt: skip
             c[2].success(
                 f"Mask from the Attribution page: **{mask.total()} neurons** ({choice['rule']} {choice['value']}, "
                 f"{f.method}, score {choice['score']}, dual {choice['dual']})"

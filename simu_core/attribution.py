@@ -23,6 +23,15 @@ Which positions are scaled (`positions=`):
   token before the last answer token) are scaled; the rest keep their real activations. This is
   closest to the per-sample next-token reading of SIMU/DEPN; it equals Captum IG with baseline
   `a * (1 - answer_positions)`.
+- `subject`: only the subject's tokens in the prompt (`targets.subject_positions`), where fact
+  lookup happens; Captum IG with baseline `a * (1 - subject_positions)`.
+
+Targets and baselines (`targets`): `target=` picks the objective (`answer` above, `fact`: the value
+tokens only, `contrastive`: true minus mean perturbed answers, as signed rows `row_weight`);
+`baseline="counterfactual"` starts the path at the activations `b` of a matched input (same
+question, another subject) instead of zero: the injected value is `b + s (a - b)` and a score sums
+`(a - b) * dL/da`, so completeness becomes `L(real) - L(layer l set to b)`. The `patching` method
+computes each neuron's exact patching effect to check IG against (small models only).
 
 Methods (registry `METHODS`, name -> function):
 - `simu_ig`: `Att_l[k] = (1/m) sum_j sum_{i,t} beta * dL/da |_{a = (j/m) beta}`, Riemann right
@@ -59,11 +68,12 @@ import torch
 from torch import nn
 
 from simu_core import data as qa
+from simu_core import targets as tg
 from simu_core.arch import NeuronLayer, neuron_layers
 from simu_core.errors import SimuError
 from simu_core.neurons import NeuronScores, param_counts
 
-POSITIONS = ("all", "answer")
+POSITIONS = ("all", "answer", "subject")
 Progress = Callable[[str, float], None]
 
 
@@ -77,23 +87,48 @@ def _no_progress(message: str, fraction: float) -> None:
 
 
 def make_batches(
-    examples: Sequence[qa.Encoded], batch_size: int, pad_id: int, padding_side: str = "right"
+    examples: Sequence[qa.Encoded | tg.Row], batch_size: int, pad_id: int, padding_side: str = "right"
 ) -> list[dict[str, torch.Tensor]]:
     """Collated batches (see `data.collate`) plus `position_ids` [B, T] that skip left padding.
 
     Examples are grouped by length (stable sort) so that little compute goes to padding; scores
-    are sums over examples, so the order does not matter.
+    are sums over examples, so the order does not matter. `targets.Row`s (plain `Encoded` become
+    rows of weight 1, item = their index) add `item` (long [B]), `subject` (float [B, T], 1 at the
+    subject's prompt tokens), `row_weight` (float [B], only when some weight is not 1) and `cf_ids`
+    (long [B, T], the counterfactual input, only when every row has one).
     """
     if batch_size < 1:
         raise SimuError(f"batch size {batch_size} must be at least 1.")
     if not examples:
         raise SimuError("the data set is empty; attribution needs at least one question/answer row.")
+    rows = [e if isinstance(e, tg.Row) else tg.Row(e, i) for i, e in enumerate(examples)]
+    weighted = any(r.weight != 1.0 for r in rows)
+    by_length = sorted(rows, key=lambda r: len(r.enc.ids))
     batches = []
-    by_length = sorted(examples, key=lambda e: len(e.ids))
-    for batch in qa.iter_batches(by_length, batch_size, pad_id, padding_side=padding_side):
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start : start + batch_size]
+        batch = qa.collate([r.enc for r in chunk], pad_id, padding_side)
         batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+        _row_fields(batch, chunk, pad_id, padding_side, weighted)
         batches.append(batch)
     return batches
+
+
+def _row_fields(batch: dict, chunk: list[tg.Row], pad_id: int, padding_side: str, weighted: bool) -> None:
+    width = batch["input_ids"].shape[1]
+    batch["item"] = torch.tensor([r.item for r in chunk], dtype=torch.long)
+    subject = torch.zeros(len(chunk), width)
+    cf = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(chunk):
+        shift = width - len(r.enc.ids) if padding_side == "left" else 0
+        subject[i, [shift + p for p in r.subject]] = 1.0
+        if r.counterfactual is not None:
+            cf[i, shift : shift + len(r.counterfactual)] = torch.tensor(r.counterfactual)
+    batch["subject"] = subject
+    if weighted:
+        batch["row_weight"] = torch.tensor([r.weight for r in chunk], dtype=torch.float32)
+    if all(r.counterfactual is not None for r in chunk):
+        batch["cf_ids"] = cf
 
 
 def answer_loglik(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -114,6 +149,10 @@ def position_mask(batch: dict[str, torch.Tensor], positions: str) -> torch.Tenso
     """Float [B, T]: 1 at the positions whose activations are scaled (see module docstring)."""
     if positions == "all":
         return batch["attention_mask"].float()
+    if positions == "subject":
+        if "subject" not in batch or not bool(batch["subject"].sum(1).all()):
+            raise SimuError("positions 'subject' need the subject's tokens of every item (see targets.prepare).")
+        return batch["subject"].float()
     predicts = torch.zeros_like(batch["labels"], dtype=torch.float32)
     predicts[:, :-1] = (batch["labels"][:, 1:] != -100).float()
     return predicts
@@ -126,7 +165,10 @@ def batch_loglik(model: nn.Module, batch: dict[str, torch.Tensor], repeat: int =
     if "inputs_embeds" in kwargs:
         inputs.pop("input_ids")
     logits = model(**inputs, use_cache=False).logits
-    return answer_loglik(logits, batch["labels"].repeat(repeat, 1))
+    loglik = answer_loglik(logits, batch["labels"].repeat(repeat, 1))
+    if "row_weight" in batch:  # a target with signed rows (contrastive): the weighted row objective
+        loglik = loglik * batch["row_weight"].to(loglik.device).repeat(repeat)
+    return loglik
 
 
 @contextmanager
@@ -171,6 +213,15 @@ def activations(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.
     return [seen[layer.index] for layer in layers]
 
 
+def baseline_activations(model: nn.Module, batch: dict[str, torch.Tensor], baseline: str) -> list[torch.Tensor] | None:
+    """The activations the path starts from: None for `zero`, the counterfactual input's for `counterfactual`."""
+    if baseline == "zero":
+        return None
+    if "cf_ids" not in batch:
+        raise SimuError("baseline 'counterfactual' needs matched inputs for every row (see targets.prepare).")
+    return activations(model, {**batch, "input_ids": batch["cf_ids"]})
+
+
 # --------------------------------------------------------------------------------------------
 # Methods
 # --------------------------------------------------------------------------------------------
@@ -188,6 +239,8 @@ class Job:
     internal_batch_size: int
     pad_id: int
     progress: Progress = _no_progress
+    baseline: str = "zero"
+    items: list[torch.Tensor] | None = None  # per-item scores float64 [n_items, d_ff] per layer, when asked
     forward_passes: float = 0.0  # in units of "one pass over the data set"
     backward_passes: float = 0.0
     n_examples: int = 0
@@ -199,6 +252,14 @@ class Job:
 
     def zeros(self) -> list[torch.Tensor]:
         return [torch.zeros(layer.d_ff, dtype=torch.float64) for layer in self.layers]
+
+    def add_items(self, index: int, values: torch.Tensor, pmask: torch.Tensor, item: torch.Tensor) -> None:
+        """Add values [B, T, d_ff] summed over the positions of pmask [B, T] to the per-item scores of rows `item`."""
+        if self.items is None:
+            return
+        values = values.detach().reshape(*pmask.shape, -1)
+        per_row = (values.float() * pmask.to(values.device).unsqueeze(-1)).sum(1).double().cpu()
+        self.items[index].index_add_(0, item.cpu(), per_row)
 
 
 Method = Callable[[Job], list[torch.Tensor]]
@@ -231,9 +292,10 @@ class _Probes:
     """
 
     def __init__(
-        self, scale: dict[int, torch.Tensor], pmask: torch.Tensor, fixed: dict[int, torch.Tensor] | None = None
-    ) -> None:
-        self.scale, self.pmask, self.fixed = scale, pmask, fixed
+        self, scale: dict[int, torch.Tensor], pmask: torch.Tensor, fixed: dict[int, torch.Tensor] | None = None,
+        base: dict[int, torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        self.scale, self.pmask, self.fixed, self.base = scale, pmask, fixed, base
         self.acts: dict[int, torch.Tensor] = {}
         self.probes: dict[int, torch.Tensor] = {}
 
@@ -241,15 +303,36 @@ class _Probes:
         if index not in self.scale:
             return x
         if self.fixed is not None:  # inject a given activation [B, T, d_ff] (tiled) instead of the computed one
-            x = self.fixed[index].repeat(x.shape[0] // self.fixed[index].shape[0], 1, 1)
+            x = _tile(self.fixed[index], x.shape[0])
         self.acts[index] = x.detach()
         self.probes[index] = torch.zeros_like(x, requires_grad=True)
         factor = 1 + (self.scale[index].to(x.device, x.dtype)[:, None] - 1) * self.pmask.to(x.device, x.dtype)
-        return x * factor.unsqueeze(-1) + self.probes[index]
+        if self.base is None:
+            return x * factor.unsqueeze(-1) + self.probes[index]
+        base = _tile(self.base[index], x.shape[0]).to(x.dtype)  # path b + s (a - b) from the baseline b
+        return base + (x - base) * factor.unsqueeze(-1) + self.probes[index]
+
+    def delta(self, index: int) -> torch.Tensor:
+        """a - b of layer `index` (the activation minus the baseline; b = 0 for the zero baseline)."""
+        act = self.acts[index]
+        return act if self.base is None else act - _tile(self.base[index], act.shape[0]).to(act.dtype)
 
     def grads(self, total: torch.Tensor) -> dict[int, torch.Tensor]:
         order = sorted(self.probes)
         return dict(zip(order, torch.autograd.grad(total, [self.probes[i] for i in order]), strict=True))
+
+
+def _tile(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [B, ...] repeated along dim 0 to `rows` rows (a multiple of B)."""
+    return x if x.shape[0] == rows else x.repeat(rows // x.shape[0], *([1] * (x.dim() - 1)))
+
+
+def _base(job: Job, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor] | None:
+    acts = baseline_activations(job.model, batch, job.baseline)
+    if acts is None:
+        return None
+    job.count(batch["input_ids"].shape[0], backward=False)
+    return dict(enumerate(acts))
 
 
 @method("grad_x_act")
@@ -258,11 +341,12 @@ def _grad_x_act(job: Job) -> list[torch.Tensor]:
     for b, batch in enumerate(job.batches):
         rows = batch["input_ids"].shape[0]
         pmask = position_mask(batch, job.positions)
-        probes = _Probes({layer.index: torch.ones(rows) for layer in job.layers}, pmask)
+        probes = _Probes({layer.index: torch.ones(rows) for layer in job.layers}, pmask, base=_base(job, batch))
         with torch.enable_grad(), injected(job.layers, probes, batch["input_ids"].shape[1]):
             total = batch_loglik(job.model, batch).sum()
         for index, grad in probes.grads(total).items():
-            scores[index] += _neuron_sum(probes.acts[index] * grad, pmask)
+            scores[index] += _neuron_sum(probes.delta(index) * grad, pmask)
+            job.add_items(index, probes.delta(index) * grad, pmask, batch["item"])
         job.count(rows)
         job.progress(f"batch {b + 1}/{len(job.batches)}", (b + 1) / len(job.batches))
     return scores
@@ -281,6 +365,7 @@ def _simu_ig(job: Job) -> list[torch.Tensor]:
     for batch in job.batches:
         rows = batch["input_ids"].shape[0]
         pmask = position_mask(batch, job.positions)
+        base = _base(job, batch)
         # One layer per forward: the backward then stops at that layer (autograd only runs the ops
         # between the loss and the requested probes), which saves the backward below it.
         groups = [
@@ -293,13 +378,14 @@ def _simu_ig(job: Job) -> list[torch.Tensor]:
             scale: dict[int, torch.Tensor] = {}
             for c, (index, j) in enumerate(group):
                 scale.setdefault(index, torch.ones(len(group) * rows))[c * rows : (c + 1) * rows] = j / m
-            probes = _Probes(scale, pmask.repeat(len(group), 1))
+            probes = _Probes(scale, pmask.repeat(len(group), 1), base=base)
             with torch.enable_grad(), injected(job.layers, probes, batch["input_ids"].shape[1]):
                 total = batch_loglik(job.model, batch, repeat=len(group)).sum()
             grads = probes.grads(total)
             for c, (index, _) in enumerate(group):
                 rows_c = slice(c * rows, (c + 1) * rows)
-                scores[index] += _neuron_sum(probes.acts[index][rows_c] * grads[index][rows_c], pmask) / m
+                scores[index] += _neuron_sum(probes.delta(index)[rows_c] * grads[index][rows_c], pmask) / m
+                job.add_items(index, probes.delta(index)[rows_c] * grads[index][rows_c] / m, pmask, batch["item"])
             job.count(rows * len(group))
             done += len(group)
             job.progress(f"{done}/{todo} scaled copies", done / todo)
@@ -319,17 +405,69 @@ def _simu_ig_joint(job: Job) -> list[torch.Tensor]:
         pmask = position_mask(batch, job.positions)
         betas = dict(enumerate(activations(job.model, batch)))
         job.count(rows, backward=False)
+        base = _base(job, batch)
         for group in _chunks(list(range(1, m + 1)), max(1, job.internal_batch_size // rows)):
             alphas = torch.cat([torch.full((rows,), j / m) for j in group])
-            probes = _Probes({layer.index: alphas for layer in job.layers}, pmask.repeat(len(group), 1), betas)
+            probes = _Probes({layer.index: alphas for layer in job.layers}, pmask.repeat(len(group), 1), betas, base)
             with torch.enable_grad(), injected(job.layers, probes, batch["input_ids"].shape[1]):
                 total = batch_loglik(job.model, batch, repeat=len(group)).sum()
             for index, grad in probes.grads(total).items():
-                tiled = betas[index].repeat(len(group), 1, 1)
-                scores[index] += _neuron_sum(tiled * grad, pmask.repeat(len(group), 1)) / m
+                values = probes.delta(index) * grad
+                scores[index] += _neuron_sum(values, pmask.repeat(len(group), 1)) / m
+                summed = values.reshape(len(group), rows, *values.shape[1:]).sum(0) / m
+                job.add_items(index, summed, pmask, batch["item"])
             job.count(rows * len(group))
             done += len(group)
             job.progress(f"{done}/{todo} steps", done / todo)
+    return scores
+
+
+PATCHING_MAX_NEURONS = 50_000  # exact patching costs one forward per neuron: small models only
+
+
+@method("patching")
+def _patching(job: Job) -> list[torch.Tensor]:
+    """Exact activation patching: `L(real) - L(neuron k of layer l set to its baseline value at the
+    scaled positions, everything else real)`, one forward per neuron (copies of the batch, one neuron
+    each). With the counterfactual baseline this is the effect of patching in the matched item's
+    activation; IG's per-neuron scores approximate it (they are equal when L is linear in the neuron)."""
+    total = sum(layer.d_ff for layer in job.layers)
+    if total > PATCHING_MAX_NEURONS:
+        raise SimuError(
+            f"exact patching needs one forward per neuron ({total} here, limit {PATCHING_MAX_NEURONS}); it is meant "
+            "for small models. Use simu_ig (with the same baseline) instead."
+        )
+    scores = job.zeros()
+    done, todo = 0, len(job.batches) * total
+    for batch in job.batches:
+        rows, width = batch["input_ids"].shape
+        pmask = position_mask(batch, job.positions)
+        base = _base(job, batch)
+        with torch.no_grad():
+            clean = batch_loglik(job.model, batch)
+        for layer in job.layers:
+            for group in _chunks(list(range(layer.d_ff)), max(1, job.internal_batch_size // rows)):
+                onehot = torch.zeros(len(group), layer.d_ff)
+                onehot[torch.arange(len(group)), torch.tensor(group)] = 1.0
+                cut = (onehot[:, None, None, :] * pmask[None, :, :, None].cpu()).reshape(len(group) * rows, width, -1)
+
+                def patch(index: int, x: torch.Tensor, layer: NeuronLayer = layer, cut: torch.Tensor = cut,
+                          base: dict | None = base) -> torch.Tensor:  # fmt: skip
+                    if index != layer.index:
+                        return x
+                    b = torch.zeros_like(x) if base is None else _tile(base[index], x.shape[0]).to(x.dtype)
+                    return x + (b - x) * cut.to(x.device, x.dtype)
+
+                with torch.no_grad(), injected([layer], patch, width):
+                    patched = batch_loglik(job.model, batch, repeat=len(group)).reshape(len(group), rows)
+                effect = (clean[None, :] - patched).double().cpu()  # [neurons, rows]
+                scores[layer.index][group] += effect.sum(1)
+                if job.items is not None:
+                    job.items[layer.index][:, group] += torch.zeros(job.items[layer.index].shape[0], len(group),
+                        dtype=torch.float64).index_add_(0, batch["item"].cpu(), effect.T)  # fmt: skip
+                job.count(rows * len(group), backward=False)
+                done += len(group)
+                job.progress(f"{done}/{todo} neurons patched", done / todo)
     return scores
 
 
@@ -473,18 +611,32 @@ def _captum_conductance(job: Job) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_settings(method_name: str, steps: int, positions: str) -> None:
+ONE_STEP.add("patching")
+# Methods that support a baseline other than zero, per-item scores and weighted (contrastive) rows.
+OWN_PATH = {"simu_ig", "simu_ig_joint", "grad_x_act", "patching"}
+
+
+def _check_settings(
+    method_name: str, steps: int, positions: str, target: str = "answer", baseline: str = "zero",
+    per_item: bool = False,
+) -> None:  # fmt: skip
     if method_name not in METHODS:
         raise SimuError(f"unknown attribution method '{method_name}'. Choose one of: {', '.join(sorted(METHODS))}.")
     if not isinstance(steps, int) or steps < 1:
         raise SimuError(f"steps m={steps} must be a whole number >= 1 (SIMU uses m = 3..5).")
     if positions not in POSITIONS:
         raise SimuError(f"unknown positions '{positions}'. Choose one of: {', '.join(POSITIONS)}.")
+    tg.check(target, baseline)
+    if method_name not in OWN_PATH and (baseline != "zero" or per_item or target == "contrastive"):
+        raise SimuError(
+            f"method '{method_name}' supports only the zero baseline, summed scores and the answer/fact targets. "
+            f"Use one of {', '.join(sorted(OWN_PATH))} for baseline '{baseline}', target '{target}' or per-item scores."
+        )
 
 
 def attribute_examples(
     model: nn.Module,
-    examples: Sequence[qa.Encoded],
+    examples: Sequence[qa.Encoded | tg.Row],
     pad_id: int,
     method: str = "simu_ig",
     steps: int = 5,
@@ -495,23 +647,34 @@ def attribute_examples(
     progress: Progress = _no_progress,
     data_name: str = "",
     model_name: str = "",
+    target: str = "answer",
+    baseline: str = "zero",
+    per_item: bool = False,
+    notes: Sequence[str] = (),
 ) -> NeuronScores:
     """Scores of every MLP neuron of `model` on tokenised examples (see the module docstring).
 
+    `examples`: `data.Encoded` (the answer target) or `targets.Row`s (any target; `target` only names
+    it in the result). `baseline`: `zero` or `counterfactual` (rows need matched ids). `per_item`:
+    also keep each item's scores (`NeuronScores.items`, float32 [n_items, d_ff] per layer).
     `internal_batch_size` caps the rows in one forward pass of the multi-step methods (memory
     grows with it). The model runs on its own device, in its own dtype, and is not modified.
     """
-    _check_settings(method, steps, positions)
+    _check_settings(method, steps, positions, target, baseline, per_item)
     if not examples:
         raise SimuError("the data set is empty; attribution needs at least one question/answer row.")
-    if not any(len(e.ids) > e.n_prompt for e in examples):
+    encs = [e.enc if isinstance(e, tg.Row) else e for e in examples]
+    if not any(len(e.ids) > e.n_prompt for e in encs):
         raise SimuError("no example has answer tokens to score. Check the data's answer column.")
     device = next(model.parameters()).device
     batches = [
         {k: v.to(device) for k, v in b.items()} for b in make_batches(examples, batch_size, pad_id, padding_side)
     ]
     steps = 1 if method in ONE_STEP else steps
-    job = Job(model, neuron_layers(model), batches, steps, positions, internal_batch_size, pad_id, progress)
+    job = Job(model, neuron_layers(model), batches, steps, positions, internal_batch_size, pad_id, progress, baseline)
+    n_items = 1 + max(e.item if isinstance(e, tg.Row) else i for i, e in enumerate(examples))
+    if per_item:
+        job.items = [torch.zeros(n_items, layer.d_ff, dtype=torch.float64) for layer in job.layers]
     job.n_examples = len(examples)
     was_training = model.training
     model.eval()
@@ -535,11 +698,14 @@ def attribute_examples(
         forward_passes=math.ceil(job.forward_passes - 1e-9),
         backward_passes=math.ceil(job.backward_passes - 1e-9),
         positions=positions,
-        n_examples=len(examples),
-        n_answer_tokens=sum(len(e.ids) - e.n_prompt for e in examples),
+        n_examples=n_items,
+        n_answer_tokens=sum(len(e.ids) - e.n_prompt for e in encs),
         loglik=loglik,
         param_counts=param_counts(model).to_dict(),
-        extra={"batch_size": batch_size, "padding_side": padding_side},
+        extra={"batch_size": batch_size, "padding_side": padding_side, **({"notes": list(notes)} if notes else {})},
+        target=target,
+        baseline=baseline,
+        items=None if job.items is None else [t.float() for t in job.items],
     )
 
 
@@ -553,13 +719,17 @@ def attribute(
     padding_side: str = "right",
     internal_batch_size: int = 64,
     progress: Progress = _no_progress,
+    target: str = "answer",
+    baseline: str = "zero",
+    per_item: bool = False,
 ) -> NeuronScores:
-    """Scores of every MLP neuron of a `models.LoadedModel` on a `data.QADataset`."""
-    _check_settings(method, steps, positions)
-    examples = qa.encode_dataset(loaded.tokenizer, loaded.fmt, dataset)
+    """Scores of every MLP neuron of a `models.LoadedModel` on a `data.QADataset` under a target
+    (`targets.TARGETS`) and baseline (`targets.BASELINES`); see `attribute_examples`."""
+    _check_settings(method, steps, positions, target, baseline, per_item)
+    prepared = tg.prepare(loaded.tokenizer, loaded.fmt, dataset, target, positions == "subject", baseline)
     return attribute_examples(
         loaded.model,
-        examples,
+        prepared.rows,
         qa.pad_id_of(loaded.tokenizer),
         method=method,
         steps=steps,
@@ -570,6 +740,10 @@ def attribute(
         progress=progress,
         data_name=dataset.name,
         model_name=loaded.spec,
+        target=target,
+        baseline=baseline,
+        per_item=per_item,
+        notes=prepared.notes,
     )
 
 

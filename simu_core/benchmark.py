@@ -150,28 +150,9 @@ def cell_config(cell: Cell, qc: QualityConfig):
     )
 
 
-# Unlearning settings added after BENCH_FORMAT 2, with their defaults: left out of a cell's key while
-# at the default, so that adding a setting does not make every stored cell stale (any other value
-# still changes the key). `mask` holds those of `MaskConfig`.
-LATER_SETTINGS: dict[str, object] = {"rho_share": None, "mask": {}}
-
-
-def _key_settings(config) -> dict:
-    """The config as a dict, without later settings that are at their defaults."""
-    settings = to_dict(config)
-    for name, default in LATER_SETTINGS.items():
-        if name == "mask":
-            for mask_name, mask_default in default.items():
-                if settings["mask"].get(mask_name) == mask_default:
-                    settings["mask"].pop(mask_name)
-        elif settings.get(name) == default:
-            settings.pop(name)
-    return settings
-
-
 def cell_key(cell: Cell, qc: QualityConfig, fingerprints: dict[str, str]) -> str:
     """sha256 over everything that determines a cell's numbers (config, eval settings, models)."""
-    unlearn = _key_settings(cell_config(cell, qc)) if cell.seed is not None else None
+    unlearn = to_dict(cell_config(cell, qc)) if cell.seed is not None else None  # `later` settings at defaults: out
     payload = {"format": BENCH_FORMAT, "cell": cell.name, "unlearn": unlearn, "eval": to_dict(qc.eval),
                "models": fingerprints}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -135,7 +135,12 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="simu_ig", help="simu_ig (default), grad_x_act, captum_ig, captum_gxa, ...")
     p.add_argument("--steps", type=int, default=5, help="integration steps m (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default 16)")
-    p.add_argument("--positions", default="all", help="scaled positions: all (default) or answer")
+    p.add_argument("--positions", default="all", help="scaled positions: all (default), answer or subject")
+    p.add_argument("--target", default="answer", help="objective: answer (default), fact (value tokens) or contrastive")
+    p.add_argument("--baseline", default="zero", help="path start: zero (default) or counterfactual (matched item)")
+    p.add_argument(
+        "--per-item", action="store_true", help="also save per-item scores (for mask --aggregate consistency)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--out", required=True, help="output scores file (.safetensors; a .json sidecar is written too)")
     _processes_arg(p)
@@ -174,9 +179,12 @@ def attribute_cmd(args: argparse.Namespace) -> dict | None:
     group.barrier()
     dataset = load_data(args.data)
     loaded = load_model(args.model, device=str(group.device) if group.world > 1 else args.device)
+    if group.world > 1 and (args.per_item or args.baseline == "counterfactual"):
+        raise SimuError("--per-item and --baseline counterfactual need every item in one process: drop --processes.")
     progress = stderr_progress if group.is_main else (lambda *_: None)
     scores = attribute_sharded(loaded, dataset, group, method=args.method, steps=args.steps,
-                               batch_size=args.batch_size, positions=args.positions, progress=progress)  # fmt: skip
+                               batch_size=args.batch_size, positions=args.positions, progress=progress,
+                               target=args.target, baseline=args.baseline, per_item=args.per_item)  # fmt: skip
     if not group.is_main:
         return None
     scores.save(args.out)
@@ -185,6 +193,9 @@ def attribute_cmd(args: argparse.Namespace) -> dict | None:
         "method": scores.method,
         "steps": scores.steps,
         "positions": scores.positions,
+        "target": scores.target,
+        "baseline": scores.baseline,
+        "notes": scores.extra.get("notes", []),
         "n_examples": scores.n_examples,
         "seconds": round(scores.seconds, 3),
         "forward_passes": scores.forward_passes,
@@ -203,6 +214,9 @@ def _mask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value", type=float, required=True, help="threshold t, percent, or count k (per rule)")
     p.add_argument("--dual", default="include", help="dual neurons: include (default) or exclude")
     p.add_argument("--score", default="forget", help="forget (default) or forget_minus_retain")
+    p.add_argument("--aggregate", default="sum", help="sum (default), consistency (needs --per-item scores) or ratio")
+    p.add_argument("--top-k", type=float, default=1.0, help="consistency: percent of neurons per item (default 1)")
+    p.add_argument("--eps", type=float, default=0.1, help="ratio: eps in per-layer rms units (default 0.1)")
     p.add_argument("--random-seed", type=int, default=None, help="write a random mask with the same counts instead")
     p.add_argument("--model", default=None, help="model spec, to check the scores fit it and count parameters")
     p.add_argument("--mlp", default="down", help="trainable MLP part per neuron: down (default) or down_up")
@@ -218,7 +232,8 @@ def mask_cmd(args: argparse.Namespace) -> dict:
     forget = NeuronScores.load(args.forget_scores)
     retain = NeuronScores.load(args.retain_scores) if args.retain_scores else None
     value = int(args.value) if args.rule == "layer_top" and args.value == int(args.value) else args.value
-    mask = make_mask(forget, args.rule, value, retain=retain, dual=args.dual, score=args.score)
+    mask = make_mask(forget, args.rule, value, retain=retain, dual=args.dual, score=args.score,
+                     aggregate=args.aggregate, top_k=args.top_k, eps=args.eps)  # fmt: skip
     if args.random_seed is not None:
         mask = random_mask_like(mask, args.random_seed)
     counts = forget.counts()
@@ -234,6 +249,42 @@ def mask_cmd(args: argparse.Namespace) -> dict:
     if counts is not None:
         summary["trainable_fraction"] = trainable_fraction(mask, counts, args.mlp, args.attention)
     return summary
+
+
+def _localise_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:full", help="model spec (default builtin:full)")
+    p.add_argument("--mask", required=True, help="neuron mask file from `mask`")
+    p.add_argument("--forget", default="builtin:forget10", help="forget data spec (default builtin:forget10)")
+    p.add_argument("--retain", default="builtin:retain10", help="retain data spec (default builtin:retain10)")
+    p.add_argument("--retain-limit", type=int, default=400, help="first retain items used, 0 = all (default 400)")
+    p.add_argument("--random", type=int, default=20, help="random masks of the same per-layer sizes (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first random mask (default 0)")
+    p.add_argument("--scale", type=float, default=0.0, help="factor on the selected neurons: 0 zeroes (default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--out", default=None, help="also write the result as JSON here")
+
+
+@command("localise", "zero a mask's neurons: forget/retain loss rise and z-scores against random masks", _localise_args)
+def localise_cmd(args: argparse.Namespace) -> dict:
+    from simu_core.data import QADataset, load_data
+    from simu_core.localise import localise
+    from simu_core.models import load_model
+    from simu_core.neurons import NeuronMask
+
+    mask = NeuronMask.load(args.mask)
+    ensure_builtin_for(args.model, args.forget, args.retain)
+    forget, retain = load_data(args.forget), load_data(args.retain)
+    if args.retain_limit:
+        retain = QADataset(retain.name, retain.items[: args.retain_limit])
+    loaded = load_model(args.model, device=args.device)
+    result = localise(loaded, mask, forget, retain, args.random, args.seed, args.scale, progress=stderr_progress)
+    for line in result.lines():
+        print(line)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    return {"out": args.out, "neurons": result.neurons, "rises": result.rises, "z": result.z, "notes": result.notes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +415,12 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
                              ("mask-steps", int, "attribution steps m"), ("mask-rule", str, "selection rule"),
                              ("mask-value", float, "rule setting (threshold t, percent, k)"),
                              ("mask-dual", str, "dual neurons: include or exclude"),
-                             ("mask-score", str, "forget or forget_minus_retain")]:  # fmt: skip
+                             ("mask-score", str, "forget or forget_minus_retain"),
+                             ("mask-target", str, "attribution target: answer, fact or contrastive"),
+                             ("mask-baseline", str, "attribution baseline: zero or counterfactual"),
+                             ("mask-positions", str, "scaled positions: all, answer or subject"),
+                             ("mask-aggregate", str, "sum, consistency or ratio"),
+                             ("forget-tokens", str, "forget term on: answer (all answer tokens) or fact (value only)")]:  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the method's preset)")
     for name, kind, text in [("steps", int, "optimiser steps"), ("lr", float, "learning rate"),
                              ("gamma", float, "retain weight"), ("batch-size", int, "forget batch size"),
@@ -440,8 +496,10 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     if group.is_main:  # one process builds what is missing, the others wait
         ensure_builtin_for(args.model, args.forget, retain)
     group.barrier()
-    mask = {k: getattr(args, f"mask_{k}") for k in ("method", "steps", "rule", "value", "dual", "score")}
-    names = ("steps", "lr", "gamma", "batch_size", "retain_batch_size", "rho", "rho_share", "weight_decay", "estimator",
+    mask = {k: getattr(args, f"mask_{k}") for k in ("method", "steps", "rule", "value", "dual", "score", "target",
+                                                    "baseline", "positions", "aggregate")}  # fmt: skip
+    names = ("forget_tokens", "steps", "lr", "gamma", "batch_size", "retain_batch_size", "rho", "rho_share",
+             "weight_decay", "estimator",
              "hessian_interval", "mlp_parts", "stop_forget_em", "stop_forget_loss", "stop_forget_rouge", "seed",
              "max_memory_gb",
              "attention", "device")  # fmt: skip

@@ -42,9 +42,25 @@ def builtin_root(size: str | None = None) -> Path:
     return simu_home() / ("builtin" if size == "default" else f"builtin-{size}")
 
 
+def later(default: Any) -> Any:
+    """A field added after configs were first saved and hashed: `to_dict` leaves it out while it holds
+    its default, so the saved configs, run names and benchmark cell keys of older settings stay the same."""
+    return field(default=default, metadata={"omit_default": True})
+
+
+def _without_later_defaults(config: Any, data: dict) -> dict:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("omit_default") and data.get(f.name) == f.default:
+            data.pop(f.name)
+        elif dataclasses.is_dataclass(value) and isinstance(data.get(f.name), dict):
+            data[f.name] = _without_later_defaults(value, data[f.name])
+    return data
+
+
 def to_dict(config: Any) -> dict:
-    """A JSON-ready dict of a config dataclass (nested dataclasses become dicts)."""
-    return dataclasses.asdict(config)
+    """A JSON-ready dict of a config dataclass (nested dataclasses become dicts; see `later`)."""
+    return _without_later_defaults(config, dataclasses.asdict(config))
 
 
 def from_dict(cls: type[T], data: dict) -> T:
@@ -128,6 +144,10 @@ class MaskConfig:
     `method`/`steps`: attribution method and IG steps m; `rule`/`value`: selection rule and its setting
     (threshold t, percent or k); `dual`: include/exclude neurons critical for forget and retain;
     `score`: `forget` or `forget_minus_retain`; `retain_limit`: retain items used for retain scores.
+    `target` (answer, fact, contrastive), `baseline` (zero, counterfactual) and `positions` (all,
+    answer, subject) choose the attribution objective and path (see `targets`, `attribution`);
+    `aggregate` (sum, consistency, ratio) with `top_k` (percent per item) and `eps` how scores become
+    a ranking (see `masks`). Their defaults are SIMU's (and the behaviour before they existed).
     """
 
     method: str = "simu_ig"
@@ -137,6 +157,12 @@ class MaskConfig:
     dual: str = "include"
     score: str = "forget"
     retain_limit: int = 400
+    target: str = later("answer")
+    baseline: str = later("zero")
+    positions: str = later("all")
+    aggregate: str = later("sum")
+    top_k: float = later(1.0)
+    eps: float = later(0.1)
 
 
 @dataclass
@@ -168,7 +194,7 @@ class UnlearnConfig:
     npo_beta: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     rho: float = 0.04
-    rho_share: float | None = None
+    rho_share: float | None = later(None)
     weight_decay: float = 0.0
     eps: float = 1e-12
     estimator: str = "gnb"
@@ -180,6 +206,7 @@ class UnlearnConfig:
     mlp_parts: str = "down"
     mask: MaskConfig = field(default_factory=MaskConfig)
     mask_file: str | None = None
+    forget_tokens: str = later("answer")  # "fact": ascend only on the fact's value tokens (see `targets`)
     stop_forget_em: float | None = None
     stop_forget_loss: float | None = None
     stop_forget_rouge: float | None = None

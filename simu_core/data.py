@@ -170,6 +170,14 @@ _FACT_TEMPLATES: dict[str, tuple[str, str, str]] = {
 N_PERTURBED = 4
 
 
+def fact_templates(fact: str) -> tuple[str, str, str] | None:
+    """(question, answer, paraphrase) templates of a built-in author fact, or None for another name.
+
+    `{name}` is the author and `{v}` the value; perturbed answers use the paraphrase template.
+    """
+    return _FACT_TEMPLATES.get(fact)
+
+
 @dataclass
 class _Pools:
     """Value pools for one benchmark; sized so that distinct values never run out."""
@@ -674,6 +682,7 @@ class Encoded:
 
     ids: list[int]
     n_prompt: int
+    scored: tuple[bool, ...] | None = None  # per answer token: scored or not (None: every answer token)
 
 
 def encode(tokenizer, fmt: PromptFormat, question: str, answer: str, max_length: int = 256) -> Encoded:
@@ -707,6 +716,9 @@ def collate(examples: Sequence[Encoded], pad_id: int, padding_side: str = "right
         input_ids[row, start : start + len(e.ids)] = ids
         attention[row, start : start + len(e.ids)] = 1
         labels[row, start + e.n_prompt : start + len(e.ids)] = ids[e.n_prompt :]
+        if e.scored is not None:
+            off = torch.tensor([not keep for keep in e.scored], dtype=torch.bool)
+            labels[row, start + e.n_prompt : start + len(e.ids)][off] = -100
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 

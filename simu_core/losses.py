@@ -4,7 +4,9 @@ Every loss takes a `LossInputs` (the model, a forget batch, a retain batch, the 
 the weights) and returns a `LossOutput`: the scalar to minimise plus the plain forget / retain
 language-model losses for logging. Batches are `data.collate` dicts: input_ids [B, T],
 attention_mask [B, T], labels [B, T] (-100 outside answers). L_f and L_r are mean NLLs per answer
-token (nats), as a Hugging Face model computes them.
+token (nats), as a Hugging Face model computes them. Which forget tokens carry a label is the
+batch's business: with `UnlearnConfig.forget_tokens = "fact"` only the fact's value tokens do
+(`targets.forget_examples`), so every forget term below ascends on those tokens alone.
 
 Adding a loss is one function and one line in `LOSSES`.
 """

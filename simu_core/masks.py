@@ -18,6 +18,17 @@ scores: each layer of each set is brought to unit scale (forget and retain sets 
 and layers differ in scale) before subtracting, so a neuron ranks high when it matters much more
 for the forget set than for the retain set, relative to the other neurons of its layer.
 
+Aggregations (`aggregate=`, how per-example evidence becomes one score per neuron):
+- `sum` (default): the summed scores above (`score=` picks forget or forget_minus_retain).
+- `consistency`: per item, the top `top_k` percent of all neurons by that item's score are its
+  critical set; a neuron scores `freq_forget - freq_retain`, the share of forget items whose set
+  holds it minus the share of retain items (in [-1, 1]; needs per-item scores,
+  `attribute(per_item=True)`; without retain scores just `freq_forget`). A neuron counts when it is
+  critical for many forget items and few retain items, not when a few items give it a large sum.
+- `ratio`: `f+ / (r+ + eps)` per layer, with `f+ = max(f, 0) / rms(f)` and `r+ = max(r, 0) / rms(r)`
+  (unit scale per layer as above, `eps` in those units): the retain-aware ratio I_forget /
+  (I_retain + eps). Needs retain scores.
+
 Dual neurons are critical under the same rule and value for both the chosen score and the retain
 score. Policy `include` (default) keeps them in the mask; `exclude` removes them.
 
@@ -40,6 +51,7 @@ from simu_core.neurons import NeuronMask, NeuronScores, ParamCounts, check_width
 
 DUAL_POLICIES = ("include", "exclude")
 SCORE_KINDS = ("forget", "forget_minus_retain")
+AGGREGATES = ("sum", "consistency", "ratio")
 MLP_PARTS = ("down", "down_up")
 
 
@@ -186,14 +198,63 @@ def _rms_normalised(layers: list[torch.Tensor]) -> list[torch.Tensor]:
     return [s / s.pow(2).mean().sqrt().clamp_min(1e-30) for s in layers]
 
 
+def _top_frequency(scores: NeuronScores, top_k: float, what: str) -> list[torch.Tensor]:
+    """Per neuron, the share of items whose top `top_k` percent of all neurons holds it (float64 [d_ff])."""
+    if getattr(scores, "items", None) is None:
+        raise SimuError(
+            f"aggregate 'consistency' needs per-item {what} scores. Recompute them with per-item scores "
+            "(attribute --per-item, or attribute(per_item=True))."
+        )
+    flat = torch.cat([t.double() for t in scores.items], dim=1)  # [n_items, all neurons]
+    n = max(1, round(top_k / 100 * flat.shape[1]))
+    chosen = torch.zeros_like(flat)
+    chosen.scatter_(1, torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :n], 1.0)  # ties: lower index
+    return list(chosen.mean(0).split([t.shape[1] for t in scores.items]))
+
+
+def aggregated_scores(
+    forget: NeuronScores | Sequence[torch.Tensor],
+    retain: NeuronScores | Sequence[torch.Tensor] | None,
+    aggregate: str,
+    top_k: float = 1.0,
+    eps: float = 0.1,
+) -> list[torch.Tensor]:
+    """The `consistency` or `ratio` score per layer (float64 [d_ff]); see the module docstring."""
+    if aggregate == "consistency":
+        if not 0.0 < top_k <= 100.0:
+            raise SimuError(f"top_k {top_k} is outside (0, 100]. Pick e.g. 1 (= each item's top 1% of neurons).")
+        f = _top_frequency(forget, top_k, "forget")
+        if retain is None:
+            return f
+        r = _top_frequency(retain, top_k, "retain")
+        check_widths([s.numel() for s in r], [s.numel() for s in f], "retain scores (compared with the forget scores)")
+        return [a - b for a, b in zip(f, r, strict=True)]
+    if retain is None:
+        raise SimuError("aggregate 'ratio' needs retain scores. Pass --retain-scores (or retain=...).")
+    if eps <= 0:
+        raise SimuError(f"ratio eps {eps} must be > 0 (e.g. 0.1).")
+    f, r = _layers_of(forget, "forget"), _layers_of(retain, "retain")
+    check_widths([s.numel() for s in r], [s.numel() for s in f], "retain scores (compared with the forget scores)")
+    fp = [s.clamp_min(0) for s in _rms_normalised(f)]
+    rp = [s.clamp_min(0) for s in _rms_normalised(r)]
+    return [a / (b + eps) for a, b in zip(fp, rp, strict=True)]
+
+
 def combined_scores(
     forget: NeuronScores | Sequence[torch.Tensor],
     retain: NeuronScores | Sequence[torch.Tensor] | None = None,
     score: str = "forget",
+    aggregate: str = "sum",
+    top_k: float = 1.0,
+    eps: float = 0.1,
 ) -> list[torch.Tensor]:
     """The per-layer scores a rule ranks (float64 [d_ff] per layer); see the module docstring."""
     if score not in SCORE_KINDS:
         raise SimuError(f"unknown score '{score}'. Choose one of: {', '.join(SCORE_KINDS)}.")
+    if aggregate not in AGGREGATES:
+        raise SimuError(f"unknown aggregate '{aggregate}'. Choose one of: {', '.join(AGGREGATES)}.")
+    if aggregate != "sum":
+        return aggregated_scores(forget, retain, aggregate, top_k, eps)
     f = _layers_of(forget, "forget")
     if score == "forget":
         return f
@@ -211,10 +272,15 @@ def make_mask(
     retain: NeuronScores | Sequence[torch.Tensor] | None = None,
     dual: str = "include",
     score: str = "forget",
+    aggregate: str = "sum",
+    top_k: float = 1.0,
+    eps: float = 0.1,
 ) -> NeuronMask:
     """Select critical neurons from forget (and optionally retain) scores.
 
-    `rule` names an entry of `RULES` and `value` is its setting (threshold t, percent or k).
+    `rule` names an entry of `RULES` and `value` is its setting (threshold t, percent or k);
+    `aggregate` (`AGGREGATES`, with `top_k` percent for consistency and `eps` for ratio) picks how
+    the scores are combined before the rule ranks them (`score` applies to `sum` only).
     With retain scores the dual neurons (critical for both) are counted; `dual="exclude"` drops
     them from the mask. The returned params record value, score, dual policy and dual counts.
     """
@@ -224,9 +290,11 @@ def make_mask(
         raise SimuError(f"unknown dual policy '{dual}'. Choose one of: {', '.join(DUAL_POLICIES)}.")
     if not isinstance(value, (int, float)) or math.isnan(value):
         raise SimuError(f"mask value {value!r} is not a number. Give the rule's threshold, percent or count.")
-    ranked = combined_scores(forget, retain, score)
+    ranked = combined_scores(forget, retain, score, aggregate, top_k, eps)
     critical = RULES[rule](ranked, float(value))
     params: dict = {"value": value, "score": score, "dual": dual}
+    if aggregate != "sum":
+        params.update({"aggregate": aggregate, **({"top_k": top_k} if aggregate == "consistency" else {"eps": eps})})
     if retain is not None:
         retain_critical = RULES[rule](_layers_of(retain, "retain"), float(value))
         duals = [c & r for c, r in zip(critical, retain_critical, strict=True)]
@@ -238,4 +306,6 @@ def make_mask(
     for key in ("method", "steps", "data"):
         if hasattr(forget, key):
             params[f"forget_{key}"] = getattr(forget, key)
+    if (getattr(forget, "target", "answer"), getattr(forget, "baseline", "zero")) != ("answer", "zero"):
+        params.update({"forget_target": forget.target, "forget_baseline": forget.baseline})
     return NeuronMask([c.clone() for c in critical], rule, params)

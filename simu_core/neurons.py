@@ -154,6 +154,9 @@ class NeuronScores:
     loglik: float = 0.0  # L at the real activations (sum over answer tokens and examples)
     param_counts: dict | None = None
     extra: dict = field(default_factory=dict)
+    target: str = "answer"  # the objective (see `targets`); scores from before targets existed are `answer`
+    baseline: str = "zero"  # where the integration path starts
+    items: list[torch.Tensor] | None = None  # per-item scores float32 [n_items, d_ff] per layer (optional)
 
     def widths(self) -> list[int]:
         return [int(s.numel()) for s in self.layers]
@@ -176,6 +179,9 @@ class NeuronScores:
             "param_counts": self.param_counts,
             "widths": self.widths(),
             "extra": self.extra,
+            "target": self.target,
+            "baseline": self.baseline,
+            "has_items": self.items is not None,
         }
 
     def counts(self) -> ParamCounts | None:
@@ -187,20 +193,37 @@ class NeuronScores:
         check_widths(self.widths(), neuron_widths(model), f"score file ({self.model})")
 
     def save(self, path: str | Path) -> None:
-        """Write `path` (safetensors, `layer.<i>` float32 [d_ff], metadata inside) and `<path>.json`."""
+        """Write `path` (safetensors, `layer.<i>` float32 [d_ff], metadata inside) and `<path>.json`;
+        per-item scores go to `items_path(path)` (`layer.<i>` float32 [n_items, d_ff])."""
         meta = self.meta()
         write_layers(path, self.layers, torch.float32, meta, meta)
+        if self.items is not None:
+            item_meta = {
+                "kind": "neuron_item_scores",
+                "scores": Path(path).name,
+                "n_items": int(self.items[0].shape[0]),
+            }
+            write_layers(items_path(path), self.items, torch.float32, item_meta, item_meta)
 
     @classmethod
     def load(cls, path: str | Path) -> NeuronScores:
-        """Read scores written by `save`."""
+        """Read scores written by `save` (with their per-item scores when they were saved)."""
         tensors, meta = read_layers(path, "neuron_scores")
-        known = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta and k != "layers"}
+        known = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta and k not in ("layers", "items")}
         known.setdefault("method", "unknown")
         known.setdefault("steps", 0)
         known.setdefault("data", "unknown")
         known.setdefault("model", "unknown")
-        return cls(layers=[t.to(torch.float32) for t in tensors], **known)
+        items = None
+        if meta.get("has_items"):
+            items = [t.to(torch.float32) for t in read_layers(items_path(path), "neuron_item_scores")[0]]
+        return cls(layers=[t.to(torch.float32) for t in tensors], items=items, **known)
+
+
+def items_path(path: str | Path) -> Path:
+    """Where the per-item scores of a scores file live: `<stem>.items.safetensors` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.items{path.suffix or '.safetensors'}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from torch import nn
 
 from simu_core import data as qa
 from simu_core import distributed
+from simu_core import targets as tg
 from simu_core.arch import count_parameters, neuron_layers
 from simu_core.config import MaskConfig, UnlearnConfig, to_dict
 from simu_core.errors import SimuError
@@ -239,6 +240,7 @@ def validate_config(config: UnlearnConfig) -> None:
          f"rho_share must be between 0 and 1 (got {config.rho_share}); Sophia's authors aim at 0.1-0.5."),
         (config.rho_share is None or config.optimizer == "sophia",
          f"rho_share calibrates Sophia's rho; optimizer '{config.optimizer}' has none. Drop --rho-share."),
+        (config.forget_tokens in tg.FORGET_TOKENS, f"unknown forget_tokens '{config.forget_tokens}'. Choose one of: {', '.join(tg.FORGET_TOKENS)}."),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -523,13 +525,15 @@ def compute_mask(
     """Attribute the forget (and, when needed, retain) set and select neurons per `options`."""
     from simu_core.attribution import attribute
 
-    forget_scores = attribute(loaded, forget, method=options.method, steps=options.steps)
+    how = {"method": options.method, "steps": options.steps, "target": options.target, "baseline": options.baseline,
+           "positions": options.positions, "per_item": options.aggregate == "consistency"}  # fmt: skip
+    forget_scores = attribute(loaded, forget, **how)
     retain_scores = None
-    if retain is not None and (options.score != "forget" or options.dual == "exclude"):
-        items = retain.items[: options.retain_limit]
-        retain_scores = attribute(loaded, qa.QADataset(retain.name, items), method=options.method, steps=options.steps)
+    if retain is not None and (options.score != "forget" or options.dual == "exclude" or options.aggregate != "sum"):
+        retain_scores = attribute(loaded, qa.QADataset(retain.name, retain.items[: options.retain_limit]), **how)
     value = int(options.value) if options.rule == "layer_top" else options.value
-    return make_mask(forget_scores, options.rule, value, retain=retain_scores, dual=options.dual, score=options.score)
+    return make_mask(forget_scores, options.rule, value, retain=retain_scores, dual=options.dual, score=options.score,
+                     aggregate=options.aggregate, top_k=options.top_k, eps=options.eps)  # fmt: skip
 
 
 def resolve_mask(
@@ -650,6 +654,9 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
 
     pad = qa.pad_id_of(base.tokenizer)
     forget_ex = qa.encode_dataset(base.tokenizer, base.fmt, forget)
+    ascend = (
+        forget_ex if config.forget_tokens == "answer" else tg.forget_examples(base.tokenizer, base.fmt, forget, "fact")
+    )
     retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
     length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
     grad_entries = sum(tp.numel() if tp.masked else tp.param.numel() for tp in trainables)
@@ -662,7 +669,7 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     reference = None
     if config.loss in NEEDS_REFERENCE:
         reference = base.model if base.device == device else copy.deepcopy(base.model).to(device).eval()
-    forget_it = _forever(forget_ex, config.batch_size, pad, config.seed, device)
+    forget_it = _forever(ascend, config.batch_size, pad, config.seed, device)
     retain_it = _forever(retain_ex, config.retain_batch_size, pad, config.seed + 1, device) if retain_ex else None
     batches = ((next(forget_it), next(retain_it) if retain_it else None) for _ in itertools.count())
     probes = (retain if retain is not None else forget).questions()[:8]

@@ -40,6 +40,7 @@ LAYERS = {
     "simu_core.neurons": 5,
     "simu_core.finetune": 6,  # the authors fine-tuned onto a pretrained model (uses builtin's training loop)
     "simu_core.distributed": 5,  # several processes: sharding and reductions through Accelerate
+    "simu_core.targets": 5,  # attribution targets: the rows (value spans, subjects, matched items) of a data set
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
     "simu_core.attribution": 6,
     "simu_core.masks": 6,
@@ -57,6 +58,7 @@ LAYERS = {
     # unlearning (stage 2 and the baselines); does the model know the forget set (before attribution/unlearning)
     "simu_core.unlearn": 7,
     "simu_core.knowledge_check": 7,
+    "simu_core.localise": 7,  # the localisation check (ablate a mask against random masks)
     # run folders
     "simu_core.runs": 8,
     # the memory planner (reads the methods' trainable sets and presets)
