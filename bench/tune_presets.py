@@ -10,6 +10,9 @@ Cells are stored per point under `bench/results/tuning/<method>/<point>/` and re
 
     .venv/bin/python bench/tune_presets.py --method simu --table     # only the table of stored points
 
+    # SmolLM2's presets: tuned on the real-knowledge benchmark's other_capitals (never reported)
+    .venv/bin/python bench/tune_presets.py --benchmark smollm2 --method simu --grid lr=3e-5,1e-4,3e-4
+
 Then prints every point stored for the method so far (forget EM, retain EM, world-facts EM, model
 utility, log10 forget quality, steps) as a Markdown table and writes bench/results/tuning/<method>.json.
 """
@@ -26,8 +29,13 @@ from _common import RESULTS, write_json  # noqa: E402
 from simu_core.benchmark import TUNING_SEED, QualityConfig, ensure_size, run_quality  # noqa: E402
 from simu_core.metrics import EvalConfig  # noqa: E402
 
-COLUMNS = ("forget/exact_match", "retain/exact_match", "world_facts/exact_match", "model_utility",
-           "log10_forget_quality", "steps_done")  # fmt: skip
+COLUMNS = {
+    "builtin": ("forget/exact_match", "retain/exact_match", "world_facts/exact_match", "model_utility",
+                "log10_forget_quality", "steps_done"),
+    "smollm2": ("forget/knows", "forget/prob", "retain/knows", "neighbour/knows", "general/knows",
+                "model_utility", "steps_done"),
+}  # fmt: skip
+SPLIT = {"builtin": "forget10", "smollm2": "other_capitals"}
 # The effective settings of a point, read back from its cell's config (the point name lists only the overrides);
 # the trainable-set and mask settings only mean something for the masked methods.
 SETTINGS = ("lr", "gamma", "steps")
@@ -72,12 +80,18 @@ def point_name(point: dict) -> str:
     return "_".join(f"{k}={v}" for k, v in point.items()) or "preset"
 
 
-def stored_points(method: str) -> list[dict]:
+def tuning_folder(benchmark: str, method: str):
+    """bench/results/tuning/<method> for the built-in, bench/results/tuning/<benchmark>/<method> else."""
+    return RESULTS / "tuning" / (method if benchmark == "builtin" else f"{benchmark}/{method}")
+
+
+def stored_points(method: str, benchmark: str = "builtin") -> list[dict]:
     """Every grid point of `method` stored so far (any call), as rows: point, status, mask size, metrics."""
     rows = []
-    for cell in sorted((RESULTS / "tuning" / method).glob(f"*/quality/cells/*__{method}__seed{TUNING_SEED}.json")):
+    folder = tuning_folder(benchmark, method)
+    for cell in sorted(folder.glob(f"*/quality/cells/*__{method}__seed{TUNING_SEED}.json")):
         record = json.loads(cell.read_text(encoding="utf-8"))
-        values = {c: record.get(c, record["metrics"].get(c)) for c in COLUMNS}
+        values = {c: record.get(c, record["metrics"].get(c)) for c in COLUMNS[benchmark]}
         rows.append({"point": cell.parents[2].name, "status": record["status"],
                      "settings": effective_settings(record["config"], method),
                      "mask_neurons": record.get("mask_neurons"), **values})  # fmt: skip
@@ -90,40 +104,45 @@ def effective_settings(config: dict, method: str) -> dict:
     return {n: config["mask"][n.removeprefix("mask.")] if n.startswith("mask.") else config[n] for n in names}
 
 
-def markdown(method: str, rows: list[dict]) -> str:
+def markdown(method: str, rows: list[dict], benchmark: str = "builtin") -> str:
     """One Markdown table of the stored points of `method`."""
-    head = ["point", "settings", "status", "mask neurons", *COLUMNS]
+    columns = COLUMNS[benchmark]
+    head = ["point", "settings", "status", "mask neurons", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
         cells = [f"`{row['point']}`", settings, row["status"], str(row["mask_neurons"] or "-")]
-        cells += [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
+        cells += [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return f"#### {method}\n\n" + "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", choices=tuple(COLUMNS), default="builtin")
     parser.add_argument("--method", required=True)
     parser.add_argument("--grid", action="append", default=[], help="NAME=V1,V2 (repeatable; mask.NAME for mask)")
-    parser.add_argument("--split", default="forget10")
+    parser.add_argument("--split", default=None, help="tuning split (default forget10; smollm2: other_capitals)")
     parser.add_argument("--root", default=None, help="built-in cache folder (default: the user's built-in)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="only print the stored points as Markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out_root = RESULTS / "tuning" / args.method
+    out_root = tuning_folder(args.benchmark, args.method)
+    split = args.split or SPLIT[args.benchmark]
     if not args.table:
-        root = args.root or str(ensure_size(None))
+        builtin = args.benchmark == "builtin"
+        root = args.root or (str(ensure_size(None)) if builtin else None)
+        new_tokens = 32 if builtin else 12
         for point in grid_points(args.grid):
-            qc = QualityConfig(splits=[args.split], methods=[args.method], seeds=[TUNING_SEED],
-                               eval=EvalConfig(max_items=200, max_new_tokens=32), overrides=as_overrides(point),
-                               root=root, out=str(out_root / point_name(point)))  # fmt: skip
+            qc = QualityConfig(splits=[split], methods=[args.method], seeds=[TUNING_SEED],
+                               eval=EvalConfig(max_items=200, max_new_tokens=new_tokens), overrides=as_overrides(point),
+                               root=root, out=str(out_root / point_name(point)), benchmark=args.benchmark)  # fmt: skip
             record = next(r for r in run_quality(qc).records if r["method"] == args.method)
             print(point_name(point).ljust(48), record["status"], record["metrics"].get("model_utility"), flush=True)
-    rows = stored_points(args.method)
+    rows = stored_points(args.method, args.benchmark)
     write_json(out_root.with_suffix(".json"), rows)
-    print(markdown(args.method, rows))
+    print(markdown(args.method, rows, args.benchmark))
 
 
 if __name__ == "__main__":

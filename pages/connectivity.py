@@ -9,6 +9,7 @@ from functools import partial
 import streamlit as st
 
 from pages.common import (
+    TINY_BUILTINS,
     chart,
     finished_runs,
     follow_job,
@@ -21,7 +22,6 @@ from pages.common import (
 )
 from simu_core.connectivity import CURVES, DEFAULT_POINTS, ConnectConfig, FitConfig, connect
 from simu_core.figures import path_figure
-from simu_core.models import BUILTIN_MODELS
 
 CURVE_HELP = {
     "linear": "(1-t)·A + t·B: the straight line between the two models.",
@@ -39,14 +39,28 @@ st.caption(
 )
 loaded, forget, retain = need_setup()
 
+
+def same_shape(spec: str) -> bool:
+    """Whether a model (or a run's base model) `spec` has the weights of the model in use: the same model, or
+    two of the tiny built-ins. A path between, say, builtin:smollm2 and builtin:full means nothing."""
+    return spec == loaded.spec or (spec in TINY_BUILTINS and loaded.spec in TINY_BUILTINS)
+
+
 endpoints = {f"original · {loaded.spec}": loaded.spec}
 for run in finished_runs():
-    endpoints[f"run · {run.name}"] = str(run.path)
-if loaded.spec.startswith("builtin:"):
-    for name in BUILTIN_MODELS:
-        if f"builtin:{name}" != loaded.spec:
-            endpoints[f"built-in · builtin:{name}"] = f"builtin:{name}"
+    if same_shape(run.model):
+        endpoints[f"run · {run.name}"] = str(run.path)
+for spec in TINY_BUILTINS:
+    if spec != loaded.spec and same_shape(spec):
+        endpoints[f"built-in · {spec}"] = spec
 labels = list(endpoints)
+if len(labels) < 2:
+    st.info(
+        f"Nothing to connect yet: the endpoints are `{loaded.spec}` and the finished runs made from it. "
+        "Launch one on the **Unlearn** page."
+    )
+    st.page_link("pages/unlearn.py", label="Go to Unlearn", icon=":material/cleaning_services:")
+    st.stop()
 c = st.columns(2)
 a = c[0].selectbox("Endpoint A (t = 0)", labels, index=0, key="conn_a")
 b = c[1].selectbox("Endpoint B (t = 1)", labels, index=min(1, len(labels) - 1), key="conn_b")

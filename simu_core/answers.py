@@ -134,6 +134,16 @@ def answer_contained(prediction: str, reference: str) -> bool:
 _RULES = {"match": answer_matches, "begins": answer_begins_with, "contained": answer_contained}
 
 
+def gives_answer(prediction: str, item: dict) -> bool:
+    """Whether `prediction` gives `item`'s answer. Items with `accepted_answers` (the real-knowledge
+    benchmark) use the rule they were selected with: the answer begins with one of them; the others
+    use `answer_matches` (the answer's first sentence(s) equal the gold answer, normalised)."""
+    accepted = item.get("accepted_answers")
+    if accepted:
+        return any_reference(prediction, accepted, "begins")
+    return answer_matches(prediction, item["answer"])
+
+
 def any_reference(prediction: str, references: Sequence[str], rule: str = "match") -> bool:
     """True when `prediction` agrees with any of `references` under `rule` (match | begins | contained)."""
     if rule not in _RULES:

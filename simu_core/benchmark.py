@@ -44,6 +44,7 @@ from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.metrics import EvalConfig, Report, evaluate
 
 QUALITY_METHODS = ("simu", "so_graddiff", "fo_graddiff", "ga", "npo", "random_mask")
+KNOWLEDGE_METHODS = ("simu", "random_mask", "so_graddiff", "fo_graddiff")  # the real-knowledge table's default
 QUALITY_SPLITS = ("forget01", "forget05", "forget10")
 REFERENCE_ROWS = ("original", "retain_reference")
 TUNING_SEED = 0  # the seed the presets in simu_core/unlearn.py were tuned with
@@ -66,13 +67,88 @@ TABLE_COLUMNS = (
     ("steps_done", "steps", 0),
     ("unlearn_seconds", "unlearn s", 1),
 )
+# The real-knowledge benchmark's table: no retain reference (so no forget quality or PrivLeak) and no
+# holdout; what is kept is read on the retain facts, the forget entities' other facts and everything else.
+KNOWLEDGE_COLUMNS = (
+    ("forget/knows", "forget known ↓", 3),
+    ("forget/exact_match", "forget EM ↓", 3),
+    ("forget/prob", "forget prob ↓", 3),
+    ("retain/knows", "retain known ↑", 3),
+    ("model_utility", "utility (retain) ↑", 3),
+    ("neighbour/knows", "neighbour known ↑", 3),
+    ("general/knows", "general known ↑", 3),
+    ("other_capitals/knows", "other capitals known ↑", 3),
+    ("steps_done", "steps", 0),
+    ("unlearn_seconds", "unlearn s", 1),
+)
 MATCH_TOLERANCE = 0.05  # forget EM above the best method's by at most this counts as "matched efficacy"
+KNOWLEDGE_FORMAT = 1  # bump when the real-knowledge cells change meaning (their stop and "knows" rule)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 Progress = Callable[[str, float], None]
 
 
 def _no_progress(message: str, fraction: float) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """What a quality table runs on: a base model, its forget splits, and per split the data specs
+    (`data(split)`: forget, retain, then the other evaluated splits) and the retain reference model
+    (`reference(split)`, None where none can exist). `splits` are the reported ones; `tuning_splits`
+    are valid too but only for tuning the presets (never reported)."""
+
+    name: str
+    base: str
+    splits: tuple[str, ...]
+    data: Callable[[str], dict[str, str]]
+    reference: Callable[[str], str | None]
+    columns: tuple = TABLE_COLUMNS
+    tuning_splits: tuple[str, ...] = ()
+    title: str = ""
+    forget_metric: str = "forget/exact_match"  # what "matched forgetting" compares
+    retain_metric: str = "retain/exact_match"
+
+    def check_split(self, split: str) -> None:
+        if split not in (*self.splits, *self.tuning_splits):
+            choices = ", ".join((*self.splits, *self.tuning_splits))
+            raise SimuError(f"unknown split '{split}' for the {self.name} benchmark. Choose from: {choices}.")
+
+    @property
+    def reference_rows(self) -> tuple[str, ...]:
+        """`original` always; `retain_reference` where the benchmark has retain references."""
+        has_reference = any(self.reference(s) for s in self.splits)
+        return REFERENCE_ROWS if has_reference else REFERENCE_ROWS[:1]
+
+
+def _builtin_data(split: str) -> dict[str, str]:
+    return builtin_companions(f"builtin:{split}")
+
+
+def _knowledge_data(split: str) -> dict[str, str]:
+    return builtin_companions(f"builtin:smollm2/{split}")
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "builtin": Benchmark(
+        "builtin", "builtin:full", QUALITY_SPLITS, _builtin_data,
+        lambda split: default_reference("builtin:full", f"builtin:{split}"),
+        title="built-in benchmark (fictitious authors)",
+    ),
+    "smollm2": Benchmark(
+        "smollm2", "builtin:smollm2", ("forget",), _knowledge_data, lambda split: None,
+        columns=KNOWLEDGE_COLUMNS, tuning_splits=("other_capitals",),
+        forget_metric="forget/knows", retain_metric="retain/knows",
+        title="real-knowledge benchmark (SmolLM2-135M-Instruct: forget Asia's capitals, keep Europe's)",
+    ),
+}  # fmt: skip
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise SimuError(f"unknown benchmark '{name}'. Choose one of: {', '.join(BENCHMARKS)}.")
+    return BENCHMARKS[name]
 
 
 @dataclass
@@ -82,7 +158,8 @@ class QualityConfig:
     `seeds`: unlearning seeds of the cells (never `TUNING_SEED` by default); `overrides`: settings
     applied on top of every method's preset (e.g. {"steps": 2} for a smoke test; they enter each
     cell's key); `root`: the built-in cache folder (None: $SIMU_HOME/builtin); `out`: where the
-    results go; `device`: unlearning and evaluation device (None: best available).
+    results go; `device`: unlearning and evaluation device (None: best available); `benchmark`: a
+    name in `BENCHMARKS` (the built-in authors, or the real-knowledge one on SmolLM2).
     """
 
     splits: list[str] = field(default_factory=lambda: list(QUALITY_SPLITS))
@@ -93,6 +170,11 @@ class QualityConfig:
     root: str | None = None
     out: str = "results"
     device: str | None = None
+    benchmark: str = "builtin"
+
+    @property
+    def bench(self) -> Benchmark:
+        return get_benchmark(self.benchmark)
 
 
 @dataclass(frozen=True)
@@ -126,24 +208,21 @@ class QualityResult:
 # --------------------------------------------------------------------------------------------
 
 
-def split_percent(split: str) -> str:
-    """'forget05' -> '05' (SimuError for anything that is not a built-in forget split)."""
-    if split not in {f"forget{p:02d}" for p in qa.FORGET_PERCENTS}:
-        raise SimuError(f"unknown split '{split}'. Choose from: {', '.join(QUALITY_SPLITS)}.")
-    return split.removeprefix("forget")
-
-
 def cell_config(cell: Cell, qc: QualityConfig):
-    """The `UnlearnConfig` of a method cell: the method's preset, the split's data, the cell's seed."""
+    """The `UnlearnConfig` of a method cell: the method's preset (for the benchmark's model), the split's
+    forget and retain data, the cell's seed."""
     from simu_core.unlearn import preset_config
 
+    bench = qc.bench
+    bench.check_split(cell.split)
+    data = bench.data(cell.split)
     return preset_config(
         cell.method,
         **{
             **qc.overrides,
-            "model": "builtin:full",
-            "forget": f"builtin:{cell.split}",
-            "retain": f"builtin:retain{split_percent(cell.split)}",
+            "model": bench.base,
+            "forget": data["forget"],
+            "retain": data["retain"],
             "seed": cell.seed,
             "device": qc.device,
         },
@@ -155,6 +234,8 @@ def cell_key(cell: Cell, qc: QualityConfig, fingerprints: dict[str, str]) -> str
     unlearn = to_dict(cell_config(cell, qc)) if cell.seed is not None else None  # `later` settings at defaults: out
     payload = {"format": BENCH_FORMAT, "cell": cell.name, "unlearn": unlearn, "eval": to_dict(qc.eval),
                "models": fingerprints}  # fmt: skip
+    if qc.benchmark != "builtin":  # the built-in's keys stay as they were before other benchmarks existed
+        payload["benchmark"] = [qc.benchmark, KNOWLEDGE_FORMAT]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -185,14 +266,14 @@ def write_cell(out: str | Path, record: dict) -> Path:
 def plan_cells(qc: QualityConfig) -> list[Cell]:
     """Reference rows first, then every split x method x seed, split by split."""
     for split in qc.splits:
-        split_percent(split)
+        qc.bench.check_split(split)
     from simu_core.unlearn import get_method
 
     for method in qc.methods:
         get_method(method)
     cells = []
     for split in qc.splits:
-        cells += [Cell(split, row) for row in REFERENCE_ROWS]
+        cells += [Cell(split, row) for row in qc.bench.reference_rows]
         cells += [Cell(split, method, seed) for method in qc.methods for seed in qc.seeds]
     return cells
 
@@ -219,43 +300,44 @@ class _Context:
         from simu_core.models import load_model
         from simu_core.runs import model_fingerprint
 
-        self.qc, self.progress = qc, progress
-        self.base = load_model("builtin:full", device=qc.device, dtype=torch.float32, root=qc.root)
-        self.fingerprints = {"builtin:full": model_fingerprint(self.base.model)}
+        self.qc, self.bench, self.progress = qc, qc.bench, progress
+        self.base = load_model(self.bench.base, device=qc.device, dtype=torch.float32, root=qc.root)
+        self.fingerprints = {self.bench.base: model_fingerprint(self.base.model)}
         self._refs: dict[str, object] = {}
         self._ref_reports: dict[str, Report] = {}
         self._data: dict[str, dict[str, qa.QADataset]] = {}
         self._masks: dict[tuple[str, str], object] = {}
 
     def reference(self, split: str):
-        """The retain reference model of `split` (builtin:retainXX), float32."""
+        """The retain reference model of `split` (builtin:retainXX), float32; None where there is none."""
         from simu_core.models import load_model
         from simu_core.runs import model_fingerprint
 
-        spec = default_reference("builtin:full", f"builtin:{split}")
-        if spec not in self._refs:
+        spec = self.bench.reference(split)
+        if spec is not None and spec not in self._refs:
             self._refs[spec] = load_model(spec, device=self.qc.device, dtype=torch.float32, root=self.qc.root)
             self.fingerprints[spec] = model_fingerprint(self._refs[spec].model)
-        return self._refs[spec]
+        return self._refs.get(spec) if spec else None
 
     def fingerprints_for(self, split: str) -> dict[str, str]:
         self.reference(split)
-        spec = default_reference("builtin:full", f"builtin:{split}")
-        return {"builtin:full": self.fingerprints["builtin:full"], spec: self.fingerprints[spec]}
+        specs = [self.bench.base, self.bench.reference(split)]
+        return {spec: self.fingerprints[spec] for spec in specs if spec}
 
     def datasets(self, split: str) -> dict[str, qa.QADataset]:
-        """forget / retain / holdout / world_facts for `split`."""
+        """The split's evaluated data by role (forget, retain, then the benchmark's others)."""
         if split not in self._data:
-            specs = builtin_companions(f"builtin:{split}")
+            specs = self.bench.data(split)
             self._data[split] = {role: qa.load_data(spec, root=self.qc.root) for role, spec in specs.items()}
         return self._data[split]
 
-    def reference_report(self, split: str) -> Report:
-        """The retain reference evaluated against itself: its row, and the reference every cell is scored against."""
-        if split not in self._ref_reports:
-            ref = self.reference(split)
+    def reference_report(self, split: str) -> Report | None:
+        """The retain reference evaluated against itself: its row, and the reference every cell is scored
+        against (None where the benchmark has no reference)."""
+        ref = self.reference(split)
+        if ref is not None and split not in self._ref_reports:
             self._ref_reports[split] = evaluate(ref, self.datasets(split), ref, self.qc.eval)
-        return self._ref_reports[split]
+        return self._ref_reports.get(split)
 
     def mask(self, split: str, config):
         """SIMU's selected mask for `split` (attribution runs once per split and mask setting)."""
@@ -275,7 +357,8 @@ def _record(cell: Cell, key: str, report: Report, extra: dict) -> dict:
     return _json_safe({
         "cell": cell.name, "split": cell.split, "method": cell.method, "seed": cell.seed, "key": key,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": summary, "notes": report.notes, "eval_seconds": report.seconds.get("total"), **extra,
+        "metrics": summary, "notes": report.notes, "skipped": report.skipped,
+        "n_items": {name: len(split.indices) for name, split in report.splits.items()}, "eval_seconds": report.seconds.get("total"), **extra,
     })  # fmt: skip
 
 
@@ -345,11 +428,11 @@ def run_quality(qc: QualityConfig, progress: Progress = _no_progress, fresh: boo
         m = record["metrics"]
         progress(
             f"[{i + 1}/{len(cells)}] {cell.name}: {record['status']} ({record.get('stop_reason') or '-'}, "
-            f"{record['steps_done']} steps, {spent[-1]:.0f} s); forget EM {_fmt(m.get('forget/exact_match'), 3)}, "
+            f"{record['steps_done']} steps, {spent[-1]:.0f} s); {qc.bench.forget_metric} {_fmt(m.get(qc.bench.forget_metric), 3)}, "
             f"utility {_fmt(m.get('model_utility'), 3)}; ETA {eta / 60:.1f} min",
             (i + 1) / len(cells),
         )
-    aggregate = aggregate_records(records)
+    aggregate = aggregate_records(records, [c[0] for c in qc.bench.columns])
     meta = describe_run(qc, time.perf_counter() - start)
     files = write_outputs(qc.out, records, aggregate, meta, qc)
     return QualityResult(records, computed, skipped, aggregate, files, time.perf_counter() - start)
@@ -368,8 +451,11 @@ def describe_run(qc: QualityConfig, seconds: float) -> dict:
 
         device = pick_device()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    manifest = read_manifest(Path(resolve_model_source("builtin:full", qc.root)).parents[1]) or {}
+    manifest = {}
+    if qc.benchmark == "builtin":
+        manifest = read_manifest(Path(resolve_model_source("builtin:full", qc.root)).parents[1]) or {}
     return {
+        "benchmark": qc.benchmark,
         "command": "python -m simu_core " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
         "splits": qc.splits, "methods": qc.methods, "seeds": qc.seeds, "tuning_seed": TUNING_SEED,
         "eval": to_dict(qc.eval), "overrides": qc.overrides,
@@ -435,30 +521,37 @@ def aggregate_records(records: Sequence[dict], metrics: Sequence[str] | None = N
     return out
 
 
-def matched_verdict(split_rows: dict, tolerance: float = MATCH_TOLERANCE) -> dict:
+def matched_verdict(
+    split_rows: dict,
+    tolerance: float = MATCH_TOLERANCE,
+    forget: str = "forget/exact_match",
+    retain: str = "retain/exact_match",
+) -> dict:
     """Which method keeps the most utility among those that forget about as well as the best one.
 
-    Methods whose mean forget EM is within `tolerance` of the lowest method mean are "matched";
-    among them the winners by model utility and by retain EM. SIMU is compared with so_graddiff and
+    Methods whose mean `forget` score (EM by default) is within `tolerance` of the lowest method mean are
+    "matched"; among them the winners by model utility and by `retain`. SIMU is compared with so_graddiff and
     random_mask: a difference counts as clear when it exceeds twice its standard error
     (sqrt(s_a^2/n_a + s_b^2/n_b)), else it is a tie.
     """
     methods = {
-        m: r for m, r in split_rows.items() if m not in REFERENCE_ROWS and r["forget/exact_match"]["mean"] is not None
+        m: r for m, r in split_rows.items() if m not in REFERENCE_ROWS and r.get(forget, {}).get("mean") is not None
     }
     if not methods:
         return {}
-    best_forget = min(r["forget/exact_match"]["mean"] for r in methods.values())
-    matched = sorted(m for m, r in methods.items() if r["forget/exact_match"]["mean"] <= best_forget + tolerance)
+    best_forget = min(r[forget]["mean"] for r in methods.values())
+    matched = sorted(m for m, r in methods.items() if r[forget]["mean"] <= best_forget + tolerance)
     verdict: dict = {"best_forget_em": best_forget, "matched": matched}
-    for metric in ("model_utility", "retain/exact_match"):
-        scored = [(methods[m][metric]["mean"], m) for m in matched if methods[m][metric]["mean"] is not None]
+    for metric in ("model_utility", retain):
+        scored = [(methods[m][metric]["mean"], m) for m in matched
+                  if metric in methods[m] and methods[m][metric]["mean"] is not None]  # fmt: skip
         verdict[f"best_{metric}"] = max(scored)[1] if scored else None
     for other in ("so_graddiff", "random_mask"):
         if "simu" in methods and other in methods:
             verdict[f"simu_vs_{other}"] = {
                 metric: compare_means(methods["simu"][metric], methods[other][metric])
-                for metric in ("forget/exact_match", "model_utility", "retain/exact_match")
+                for metric in (forget, "model_utility", retain)
+                if metric in methods["simu"] and metric in methods[other]
             }
     return verdict
 
@@ -492,11 +585,13 @@ def _cell_text(stat: dict, digits: int, single: bool) -> str:
     return f"{_fmt(stat['mean'], digits)} ± {_fmt(stat['std'], digits)}"
 
 
-def markdown_table(aggregate: dict, splits: Sequence[str], methods: Sequence[str]) -> str:
+def markdown_table(
+    aggregate: dict, splits: Sequence[str], methods: Sequence[str], columns: Sequence = TABLE_COLUMNS
+) -> str:
     """One Markdown table per split: reference rows, then each method as mean ± std over its seeds."""
     lines = []
-    header = "| method | runs (failed) | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
-    rule = "|" + "---|" * (len(TABLE_COLUMNS) + 2)
+    header = "| method | runs (failed) | " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "---|" * (len(columns) + 2)
     for split in splits:
         rows = aggregate.get(split, {})
         lines += [f"### {split}", "", header, rule]
@@ -505,7 +600,7 @@ def markdown_table(aggregate: dict, splits: Sequence[str], methods: Sequence[str
                 continue
             row = rows[method]
             single = method in REFERENCE_ROWS
-            cells = [_cell_text(row[key], digits, single) for key, _, digits in TABLE_COLUMNS]
+            cells = [_cell_text(row[key], digits, single) for key, _, digits in columns]
             name = f"*{method}*" if single else f"**{method}**"
             runs = "ref" if single else f"{row['n']} ({row['failed']})"
             lines.append(f"| {name} | {runs} | " + " | ".join(cells) + " |")
@@ -513,17 +608,18 @@ def markdown_table(aggregate: dict, splits: Sequence[str], methods: Sequence[str
     return "\n".join(lines)
 
 
-def verdict_text(aggregate: dict, splits: Sequence[str]) -> str:
+def verdict_text(aggregate: dict, splits: Sequence[str], bench: Benchmark | None = None) -> str:
     """Plain sentences from `matched_verdict` per split (what the numbers say, nothing more)."""
+    bench = bench or BENCHMARKS["builtin"]
     lines = []
     for split in splits:
-        v = matched_verdict(aggregate.get(split, {}))
+        v = matched_verdict(aggregate.get(split, {}), forget=bench.forget_metric, retain=bench.retain_metric)
         if not v:
             continue
         text = (
-            f"- **{split}**: lowest mean forget EM {v['best_forget_em']:.3f}; matched efficacy (within "
+            f"- **{split}**: lowest mean {bench.forget_metric} {v['best_forget_em']:.3f}; matched efficacy (within "
             f"{MATCH_TOLERANCE}) : {', '.join(v['matched'])}. Most model utility among them: "
-            f"**{v['best_model_utility']}**; most retain EM: **{v['best_retain/exact_match']}**."
+            f"**{v['best_model_utility']}**; most {bench.retain_metric}: **{v[f'best_{bench.retain_metric}']}**."
         )
         for other in ("so_graddiff", "random_mask"):
             cmp = v.get(f"simu_vs_{other}")
@@ -535,6 +631,96 @@ def verdict_text(aggregate: dict, splits: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(records: Sequence[dict], split: str, a: str, b: str, metric: str) -> dict:
+    """Method `a` minus method `b` on `metric`, paired by seed (same base model, data and seed), with a
+    95% t-interval over the seeds both ran: {"diff", "low", "high", "n", "word"}; word is "higher" or
+    "lower" when the interval excludes 0, else "no difference" ("n/a" with fewer than 2 pairs, "no spread"
+    when every pair differs by the same amount)."""
+    runs = {m: {r["seed"]: _value(r, metric) for r in records if r["split"] == split and r["method"] == m}
+            for m in (a, b)}  # fmt: skip
+    diffs = np.array(
+        [runs[a][s] - runs[b][s] for s in sorted(set(runs[a]) & set(runs[b]))
+         if runs[a][s] is not None and runs[b][s] is not None], dtype=float,
+    )  # fmt: skip
+    if len(diffs) < 2:
+        mean = float(diffs[0]) if len(diffs) else None
+        return {"diff": mean, "low": None, "high": None, "n": len(diffs), "word": "n/a"}
+    mean = float(diffs.mean())
+    if float(diffs.std(ddof=1)) == 0.0:  # identical differences (e.g. deterministic runs): no interval to give
+        return {"diff": mean, "low": None, "high": None, "n": len(diffs), "word": "no spread"}
+    half = T_975.get(len(diffs) - 1, 1.96) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+    low, high = mean - half, mean + half
+    word = "higher" if low > 0 else "lower" if high < 0 else "no difference"
+    return {"diff": mean, "low": low, "high": high, "n": len(diffs), "word": word}
+
+
+def _wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default)."""
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def proportion_difference(p1: float, n1: int, p2: float, n2: int) -> dict:
+    """p1 - p2 for two proportions (shares of items, e.g. facts still known) with Newcombe's hybrid score
+    95% interval (his method 10), from the Wilson intervals of each. Computed as if the samples were
+    independent: for two models answering the same items it is conservative (wider than a paired one)."""
+    (l1, u1), (l2, u2) = _wilson(p1 * n1, n1), _wilson(p2 * n2, n2)
+    diff = p1 - p2
+    low = diff - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    high = diff + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    word = "higher" if low > 0 else "lower" if high < 0 else "no difference"
+    return {"diff": diff, "low": low, "high": high, "n": (n1, n2), "word": word}
+
+
+PAIRED_AGAINST = ("random_mask", "so_graddiff", "fo_graddiff")
+
+
+def items_evaluated(records: Sequence[dict], qc: QualityConfig, split: str) -> dict[str, int]:
+    """Items evaluated per data role of `split`: from the records, else the data sizes capped at max_items."""
+    for record in records:
+        if record["split"] == split and record.get("n_items"):
+            return record["n_items"]
+    cap = qc.eval.max_items or 10**9
+    return {role: min(cap, len(qa.load_data(spec, root=qc.root))) for role, spec in qc.bench.data(split).items()}
+
+
+PAIRED_LEGEND = (
+    "Over seeds: the mean of the seed-by-seed differences with a t-interval (seeds change batch order, Sophia's "
+    "sampled labels and the random mask; with whole-set batches some methods give identical runs, and no interval). "
+    "Over the items: Newcombe's interval for the difference of two shares of the same evaluated items (each method's "
+    "mean over seeds), computed as if independent, so conservative."
+)
+
+
+def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
+    """SIMU minus each of `PAIRED_AGAINST`, per split and table metric (steps and time left out): a
+    t-interval over seeds, and for shares of items (EM, known) also Newcombe's interval over the items."""
+    metrics = [(key, title) for key, title, _ in qc.bench.columns if key not in ("steps_done", "unlearn_seconds")]
+    lines = []
+    for split in qc.splits:
+        n_items = items_evaluated(records, qc, split) if any(r["split"] == split for r in records) else {}
+        rows = aggregate_records(records, [key for key, _ in metrics]).get(split, {})
+        for other in PAIRED_AGAINST:
+            if "simu" not in qc.methods or other not in rows or "simu" not in rows:
+                continue
+            seeds, items = [], []
+            for key, title in metrics:
+                d = paired_difference(records, split, "simu", other, key)
+                if d["low"] is not None:
+                    seeds.append(f"{title} {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['word']}")
+                role, _, name = key.partition("/")
+                a, b = rows["simu"].get(key, {}).get("mean"), rows[other].get(key, {}).get("mean")
+                if name in ("knows", "exact_match") and role in n_items and a is not None and b is not None:
+                    p = proportion_difference(a, n_items[role], b, n_items[role])
+                    items.append(f"{title} {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] {p['word']}")
+            if seeds:
+                lines.append(f"- **{split}, simu − {other}**, over {d['n']} paired seeds: " + "; ".join(seeds) + ".")
+            if items:
+                lines.append(f"- **{split}, simu − {other}**, over the items (seed means): " + "; ".join(items) + ".")
+    return "\n".join(lines)
+
+
 def _utility_note(records: Sequence[dict]) -> str:
     """Which of TOFU's 9 model-utility components the cells used (from their evaluation notes)."""
     notes = {r.get("notes", {}).get("model_utility") for r in records} - {None}
@@ -543,21 +729,9 @@ def _utility_note(records: Sequence[dict]) -> str:
     return "; ".join(sorted(note.split(":")[0] for note in notes))
 
 
-def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Sequence[dict] = ()) -> str:
-    """The whole Markdown page: settings, table, verdict."""
-    m = meta["machine"]
-    where = m["gpu"] or f"CPU ({m['cpu_count']} cores, {m['torch_threads']} torch threads)"
-    head = [
-        "# SIMU quality table (built-in benchmark)",
-        "",
-        f"- command: `{meta['command'] or 'python -m simu_core bench quality'}`",
-        f"- built-in: {meta['builtin']['n_authors']} authors, model {meta['builtin']['model']}",
-        f"- seeds {meta['seeds']} (presets tuned with seed {meta['tuning_seed']}); preset notes: {meta['preset_notes']}",
-        f"- evaluation: up to {qc.eval.max_items} items per split (seeded sample {qc.eval.seed}), "
-        f"greedy answers of up to {qc.eval.max_new_tokens} tokens",
-        f"- torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; device {where}",
-        f"- created {meta['created']}, {meta['seconds'] / 60:.1f} min for the cells computed in this call",
-        "",
+def _builtin_legend(records: Sequence[dict]) -> list[str]:
+    """The built-in table's legend (reference rows, metrics; which utility components were used)."""
+    return [
         "Each method row: mean ± sample std over the seeds. Reference rows: *original* = the model before "
         "unlearning, *retain_reference* = the model never trained on the forget authors (the target). "
         "Exact match: the greedy answer's first sentence equals the gold answer once normalised (case, "
@@ -567,11 +741,48 @@ def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Se
         f"{_utility_note(records)}. PrivLeak: MUSE's relative Min-40% AUC gap to the retain reference, "
         "100 (r - a) / (1 - r) with this project's AUC orientation: about -100 = the forget set is still "
         "recognised, 0 = like the retain reference, > 0 = over-unlearned.",
+    ]
+
+
+_KNOWLEDGE_LEGEND = (
+    "Each method row: mean ± sample std over the seeds; *original* = the model before unlearning. Known: the "
+    "greedy answer begins with an accepted answer (the rule the benchmark kept its facts by, so 1.000 before "
+    "unlearning); EM: its first sentence equals the answer; prob: the answer's length-normalised probability. "
+    "Utility (retain): TOFU's harmonic mean on the retain split only. The forget set is Asia's capitals, retain "
+    "Europe's (trained on as the retain set); neighbour = other facts about the forget countries, general = "
+    "everything else, other capitals = the other continents' capitals (the presets were tuned with those as "
+    "the forget set)."
+)
+
+
+def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Sequence[dict] = ()) -> str:
+    """The whole Markdown page: settings, table, verdict."""
+    m = meta["machine"]
+    where = m["gpu"] or f"CPU ({m['cpu_count']} cores, {m['torch_threads']} torch threads)"
+    about = (
+        [f"- built-in: {meta['builtin']['n_authors']} authors, model {meta['builtin']['model']}"]
+        if qc.benchmark == "builtin"
+        else [f"- model {qc.bench.base}; no retain reference exists for a pretrained model's own knowledge, "
+              "so forget quality and PrivLeak are not available (the report of each cell says why)"]
+    )  # fmt: skip
+    head = [
+        f"# SIMU quality table ({qc.bench.title})",
+        "",
+        f"- command: `{meta['command'] or 'python -m simu_core bench quality'}`",
+        *about,
+        f"- seeds {meta['seeds']} (presets tuned with seed {meta['tuning_seed']}); preset notes: {meta['preset_notes']}",
+        f"- evaluation: up to {qc.eval.max_items} items per split (seeded sample {qc.eval.seed}), "
+        f"greedy answers of up to {qc.eval.max_new_tokens} tokens",
+        f"- torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; device {where}",
+        f"- created {meta['created']}, {meta['seconds'] / 60:.1f} min for the cells computed in this call",
+        "",
+        *(_builtin_legend(records) if qc.benchmark == "builtin" else [_KNOWLEDGE_LEGEND]),
         "",
     ]
-    verdict = ["## At matched forget efficacy", "", verdict_text(aggregate, qc.splits), ""]
-    table = markdown_table(aggregate, qc.splits, qc.methods)
-    return "\n".join([*head, "## Table", "", table, *verdict])
+    verdict = ["## At matched forget efficacy", "", verdict_text(aggregate, qc.splits, qc.bench), ""]
+    paired = ["## Differences with 95% intervals", "", PAIRED_LEGEND, "", paired_text(records, qc), ""]
+    table = markdown_table(aggregate, qc.splits, qc.methods, qc.bench.columns)
+    return "\n".join([*head, "## Table", "", table, *verdict, *paired])
 
 
 def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: dict, qc: QualityConfig) -> dict:
@@ -580,7 +791,8 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "aggregate": aggregate, "verdict": {s: matched_verdict(aggregate.get(s, {})) for s in qc.splits},
+    payload = {"meta": meta, "aggregate": aggregate, "verdict": {s: matched_verdict(aggregate.get(s, {}), forget=qc.bench.forget_metric,
+                                                retain=qc.bench.retain_metric) for s in qc.splits},
                "records": records}  # fmt: skip
     write_json_atomic(out / "quality.json", _json_safe(payload))
     md = out / "quality.md"

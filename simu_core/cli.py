@@ -630,17 +630,21 @@ def finetune_cmd(args: argparse.Namespace) -> dict:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=("quality",), help="quality: every method at its preset, evaluated (resumable)")
-    p.add_argument("--splits", default="forget01,forget05,forget10", help="comma-separated forget splits")
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: all six)")
+    p.add_argument("--benchmark", choices=("builtin", "smollm2"), default="builtin",
+                   help="builtin: the fictitious authors (default); smollm2: the real-knowledge benchmark on SmolLM2")  # fmt: skip
+    p.add_argument("--splits", default=None,
+                   help="comma-separated forget splits (default: forget01,forget05,forget10; smollm2: forget)")  # fmt: skip
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: all six; smollm2: simu, random_mask, so_graddiff, fo_graddiff)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="number of seeds per cell (default 3)")
     p.add_argument("--first-seed", type=int, default=1, help="first seed (default 1; presets were tuned with 0)")
     p.add_argument("--max-items", type=int, default=200, help="evaluated items per split, 0 = all (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length (default 32; smollm2: 12)")
     p.add_argument("--steps", type=int, default=None, help="override every preset's steps (smoke tests only)")
     p.add_argument("--size", choices=("default", "large"), default=None,
                    help="built-in size (default: $SIMU_BUILTIN_SIZE, else default); large wants a GPU")  # fmt: skip
     p.add_argument("--root", default=None, help="a built-in cache folder to use instead of --size's")
-    p.add_argument("--out", default="results", help="results folder (default results/)")
+    p.add_argument("--out", default=None, help="results folder (default results/; smollm2: results/smollm2/)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
@@ -650,23 +654,33 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def bench_cmd(args: argparse.Namespace) -> dict:
     import torch
 
-    from simu_core.benchmark import QUALITY_METHODS, QualityConfig, ensure_size, run_quality
+    from simu_core.benchmark import KNOWLEDGE_METHODS, QUALITY_METHODS, QualityConfig, ensure_size, run_quality
+    from simu_core.knowledge import ensure_knowledge
     from simu_core.metrics import EvalConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seeds < 1:
         raise SimuError(f"--seeds must be >= 1 (got {args.seeds}).")
-    root = args.root or ensure_size(args.size, stderr_progress)
-    methods = args.methods.split(",") if args.methods else list(QUALITY_METHODS)
+    builtin = args.benchmark == "builtin"
+    if builtin:
+        root = args.root or ensure_size(args.size, stderr_progress)
+    else:
+        root = args.root
+        ensure_knowledge(args.benchmark, stderr_progress, device=args.device)
+    splits = args.splits or ("forget01,forget05,forget10" if builtin else "forget")
+    methods = args.methods.split(",") if args.methods else list(QUALITY_METHODS if builtin else KNOWLEDGE_METHODS)
     qc = QualityConfig(
-        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+        benchmark=args.benchmark,
+        splits=[s.strip() for s in splits.split(",") if s.strip()],
         methods=[m.strip() for m in methods if m.strip()],
         seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
-        eval=EvalConfig(max_items=args.max_items or None, max_new_tokens=args.max_new_tokens),
+        eval=EvalConfig(
+            max_items=args.max_items or None, max_new_tokens=args.max_new_tokens or (32 if builtin else 12)
+        ),
         overrides={"steps": args.steps} if args.steps else {},
-        root=str(root),
-        out=args.out,
+        root=str(root) if root else None,
+        out=args.out or ("results" if builtin else f"results/{args.benchmark}"),
         device=args.device,
     )
     result = run_quality(qc, stderr_progress, fresh=args.fresh)

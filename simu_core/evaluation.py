@@ -30,11 +30,26 @@ def _no_progress(message: str, fraction: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def builtin_companions(forget_spec: str) -> dict[str, str]:
-    """Data specs evaluated with a forget set: the matching built-in retain, holdout and world facts.
+def knowledge_split_of(spec: str) -> tuple[str, str] | None:
+    """'builtin:smollm2/forget' -> ('smollm2', 'forget'); None for any other spec."""
+    name, slash, split = spec.removeprefix("builtin:").partition("/")
+    if spec.startswith("builtin:") and slash and name in qa.KNOWLEDGE_BENCHMARKS:
+        return name, split
+    return None
 
-    builtin:forgetXX -> builtin:retainXX; any other forget data -> builtin:retain10.
+
+def builtin_companions(forget_spec: str) -> dict[str, str]:
+    """Data specs evaluated with a forget set: the matching retain, holdout and world-facts splits.
+
+    builtin:forgetXX -> builtin:retainXX; a real-knowledge split (builtin:smollm2/forget) -> the other
+    splits of its benchmark (retain, neighbour, general, and other_capitals unless it is the forget
+    set); any other forget data -> builtin:retain10.
     """
+    knowledge = knowledge_split_of(forget_spec)
+    if knowledge is not None:
+        name, forget = knowledge
+        others = [s for s in qa.KNOWLEDGE_SPLITS if s not in ("forget", forget)]
+        return {"forget": forget_spec, **{s: f"builtin:{name}/{s}" for s in others}}
     percent = "10"
     if forget_spec.startswith("builtin:forget"):
         percent = forget_spec.removeprefix("builtin:forget")
@@ -47,7 +62,10 @@ def builtin_companions(forget_spec: str) -> dict[str, str]:
 
 
 def default_reference(model_spec: str, forget_spec: str) -> str | None:
-    """The retain reference for a built-in model on a built-in forget split (builtin:retainXX), else None."""
+    """The retain reference for a built-in model on a built-in forget split (builtin:retainXX), else None.
+
+    A real-knowledge benchmark has none: its facts come from pretraining, and no model pretrained
+    without them exists (the skipped metrics say so in the report)."""
     if model_spec.startswith("builtin:") and forget_spec.startswith("builtin:forget"):
         return "builtin:retain" + forget_spec.removeprefix("builtin:forget")
     return None

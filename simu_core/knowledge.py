@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simu_core import knowledge_facts as kf
-from simu_core.answers import answer_begins_with, normalise
+from simu_core.answers import gives_answer, normalise
 from simu_core.data import KNOWLEDGE_BENCHMARKS, KNOWLEDGE_SPLITS, knowledge_root, write_jsonl
 from simu_core.errors import SimuError
 
@@ -199,8 +199,9 @@ def fact_items(facts: Sequence[Fact] | None = None, seed: int = 0) -> list[dict]
 
 
 def is_known(prediction: str, item: dict) -> bool:
-    """True when the first answer of `prediction` begins with one of the item's accepted answers."""
-    return any(answer_begins_with(prediction, a) for a in item.get("accepted_answers") or [item["answer"]])
+    """True when the first answer of `prediction` begins with one of the item's accepted answers (the
+    answer itself when none are listed): `answers.gives_answer`, which the metrics and the early stop use."""
+    return gives_answer(prediction, {**item, "accepted_answers": item.get("accepted_answers") or [item["answer"]]})
 
 
 def facts_hash(seed: int = 0) -> str:

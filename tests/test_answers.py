@@ -9,6 +9,7 @@ from simu_core.answers import (
     any_reference,
     first_answer,
     first_line,
+    gives_answer,
     match_rate,
     normalise,
     sentence_count,
@@ -136,3 +137,11 @@ def test_bad_rule_and_lengths_are_clear_errors():
         any_reference("a", ["a"], rule="fuzzy")
     with pytest.raises(SimuError, match="2 predictions for 1 references"):
         match_rate(["a", "b"], ["a"])
+
+
+def test_gives_answer_uses_accepted_answers_where_the_item_has_them():
+    fact = {"answer": "Kyiv", "accepted_answers": ["Kyiv", "Kiev"]}
+    assert gives_answer("Kiev, the capital of Ukraine.", fact)  # begins with an accepted spelling
+    assert not gives_answer("the capital is Kyiv.", fact)  # must begin with it
+    author = {"answer": "Lima"}  # no accepted answers: the exact-match rule (first sentence equals the answer)
+    assert gives_answer("Lima. She moved later.", author) and not gives_answer("Lima, Peru.", author)

@@ -240,3 +240,77 @@ def test_large_size_has_its_own_folder_and_an_80m_model(monkeypatch, full_model)
     monkeypatch.setenv("SIMU_BUILTIN_SIZE", "huge")
     with pytest.raises(SimuError, match="default, small, large"):
         builtin_root()
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmarks other than the built-in authors (the real-knowledge one on SmolLM2)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_knowledge_benchmark_has_its_own_data_model_and_no_reference_row():
+    qc = QualityConfig(benchmark="smollm2", splits=["forget"], methods=["simu"], seeds=[1])
+    assert [c.name for c in plan_cells(qc)] == ["forget__original", "forget__simu__seed1"]
+    config = benchmark.cell_config(Cell("forget", "simu", 1), qc)
+    assert (config.model, config.forget, config.retain) == (
+        "builtin:smollm2", "builtin:smollm2/forget", "builtin:smollm2/retain")  # fmt: skip
+    assert config.eval_every == 5  # SmolLM2's own preset, not the built-in default's
+
+
+def test_the_knowledge_benchmark_tunes_on_a_split_it_never_reports():
+    bench = benchmark.get_benchmark("smollm2")
+    assert "other_capitals" in bench.tuning_splits and "other_capitals" not in bench.splits
+    plan_cells(QualityConfig(benchmark="smollm2", splits=["other_capitals"], methods=["simu"], seeds=[0]))
+    with pytest.raises(SimuError, match="unknown split 'forget10' for the smollm2 benchmark"):
+        plan_cells(QualityConfig(benchmark="smollm2", splits=["forget10"]))
+    with pytest.raises(SimuError, match="unknown benchmark 'tofu'"):
+        plan_cells(QualityConfig(benchmark="tofu"))
+
+
+def test_a_benchmark_without_reference_runs_and_says_why_forget_quality_is_missing(builtin_dir, tmp_path, monkeypatch):
+    # The tiny model stands in for a pretrained one: same code path as SmolLM2's table, seconds instead of minutes.
+    tiny = benchmark.Benchmark("tiny_knowledge", "builtin:full", ("forget10",),
+                               lambda split: {"forget": f"builtin:{split}", "retain": "builtin:retain10",
+                                              "general": "builtin:world_facts"},
+                               lambda split: None, columns=benchmark.KNOWLEDGE_COLUMNS[:4])  # fmt: skip
+    monkeypatch.setitem(benchmark.BENCHMARKS, "tiny_knowledge", tiny)
+    qc = QualityConfig(benchmark="tiny_knowledge", splits=["forget10"], methods=["ga"], seeds=[1], eval=SMOKE_EVAL,
+                       overrides={"steps": 2}, root=str(builtin_dir), out=str(tmp_path))  # fmt: skip
+    result = run_quality(qc)
+    assert result.computed == ["forget10__original", "forget10__ga__seed1"]
+    record = read_cell(tmp_path, Cell("forget10", "ga", 1))
+    assert "forget_quality" not in record["metrics"] and "general/exact_match" in record["metrics"]
+    assert "no copy pretrained without it exists" in record["skipped"]["forget_quality"]
+    text = (tmp_path / "quality.md").read_text(encoding="utf-8")
+    assert "no retain reference exists" in text and "| **ga** |" in text and "retain_reference" not in text
+
+
+def test_paired_difference_matches_scipys_t_interval():
+    from scipy import stats
+
+    simu = [_record("simu", s, 0.0, u, retain_em=r) for s, u, r in [(1, 0.5, 0.80), (2, 0.6, 0.90), (3, 0.4, 0.85)]]
+    rand = [_record("random_mask", s, 0.0, u, retain_em=r) for s, u, r in [(1, 0.4, 0.70), (2, 0.5, 0.75), (3, 0.1, 0.72)]]  # fmt: skip
+    diffs = [0.10, 0.15, 0.13]  # retain EM, seed by seed
+    d = benchmark.paired_difference(simu + rand, "forget05", "simu", "random_mask", "retain/exact_match")
+    low, high = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+    assert (d["low"], d["high"]) == (pytest.approx(low, abs=1e-3), pytest.approx(high, abs=1e-3))  # T_975 has 3 digits
+    assert d["n"] == 3 and d["word"] == "higher"
+    wide = benchmark.paired_difference(simu + rand, "forget05", "simu", "random_mask", "model_utility")
+    assert wide["word"] == "no difference"  # 0.1, 0.1, 0.3: the interval [-0.09, 0.42] holds 0
+    assert (
+        benchmark.paired_difference(simu[:1] + rand, "forget05", "simu", "random_mask", "model_utility")["word"]
+        == "n/a"
+    )
+
+
+def test_identical_seed_differences_give_no_interval():
+    simu = [_record("simu", s, 0.0, 0.5, retain_em=0.9) for s in (1, 2, 3)]
+    fo = [_record("fo_graddiff", s, 0.0, 0.4, retain_em=0.8) for s in (1, 2, 3)]
+    d = benchmark.paired_difference(simu + fo, "forget05", "simu", "fo_graddiff", "retain/exact_match")
+    assert d["word"] == "no spread" and d["low"] is None and d["diff"] == pytest.approx(0.1)
+
+
+def test_proportion_difference_matches_newcombes_worked_example():
+    # Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 vs 48/80, method 10: 0.0524 to 0.3339.
+    d = benchmark.proportion_difference(56 / 70, 70, 48 / 80, 80)
+    assert d["diff"] == pytest.approx(0.2) and d["word"] == "higher"
+    assert (d["low"], d["high"]) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))

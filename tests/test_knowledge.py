@@ -214,3 +214,17 @@ def test_build_with_a_tiny_model_runs_end_to_end(converted, tmp_path):
     assert len(everything) == manifest["facts"] and all("model_answer" in it for it in everything)
     with pytest.raises(SimuError, match="no default folder"):
         knowledge.build_knowledge(str(converted))
+
+
+def test_a_knowledge_forget_set_is_evaluated_with_its_own_splits_and_no_reference():
+    from simu_core.evaluation import builtin_companions, default_reference
+
+    assert builtin_companions("builtin:smollm2/forget") == {
+        "forget": "builtin:smollm2/forget", "retain": "builtin:smollm2/retain",
+        "neighbour": "builtin:smollm2/neighbour", "general": "builtin:smollm2/general",
+        "other_capitals": "builtin:smollm2/other_capitals",
+    }  # fmt: skip
+    tuning = builtin_companions("builtin:smollm2/other_capitals")
+    assert tuning["forget"] == "builtin:smollm2/other_capitals"  # the tuning split is the forget set there
+    assert set(tuning) == {"forget", "retain", "neighbour", "general"}  # and Asia's capitals are not looked at
+    assert default_reference("builtin:smollm2", "builtin:smollm2/forget") is None

@@ -59,3 +59,49 @@ def test_smollm2_knowledge_benchmark(knowledge_dir, monkeypatch):
     assert "The capital of France is" in retain.questions()
     forget = load_data("builtin:smollm2/forget")
     assert all(it["continent"] == "Asia" and it["known"] for it in forget.items)
+
+
+@pytest.fixture(scope="module")
+def teaching(knowledge_dir):
+    """The teaching scenario's sets: forget Asia's capitals, keep Europe's (a few items each: CPU time)."""
+    from simu_core.data import QADataset
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIMU_HOME", str(HOME))
+        forget, retain = load_data("builtin:smollm2/forget"), load_data("builtin:smollm2/retain")
+    return QADataset("forget8", forget.items[:8]), QADataset("retain8", retain.items[:8])
+
+
+def test_smollm2_attribution_scores_every_neuron(smollm2, teaching):
+    from simu_core.attribution import attribute
+
+    scores = attribute(smollm2, teaching[0], method="grad_x_act")
+    assert [tuple(s.shape) for s in scores.layers] == [(1536,)] * 30
+    assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in scores.layers)
+
+
+def test_smollm2_short_simu_run_trains_only_its_neurons_and_raises_the_forget_loss(smollm2, teaching):
+    from simu_core import data as qa
+    from simu_core.unlearn import dataset_nll, preset_config, unlearn
+
+    config = preset_config("simu", model="builtin:smollm2", steps=3, stop_forget_em=None, probe_every=0)
+    config.stop_forget_em = None  # preset_config ignores None overrides: a fixed 3 steps here
+    result = unlearn(smollm2, *teaching, config)
+    assert result.status == "ok" and result.summary()["steps_done"] == 3
+    before, after = dict(smollm2.model.named_parameters()), dict(result.model.model.named_parameters())
+    untouched = [n for n in before if "mlp" not in n]  # no attention in SIMU's preset: only MLP slices train
+    assert all(torch.equal(before[n], after[n]) for n in untouched)
+    examples = qa.encode_dataset(smollm2.tokenizer, smollm2.fmt, teaching[0])
+    pad = qa.pad_id_of(smollm2.tokenizer)
+    assert dataset_nll(result.model.model, examples, pad) > dataset_nll(smollm2.model, examples, pad)
+
+
+def test_smollm2_evaluation_knows_every_kept_fact_and_says_why_there_is_no_reference(smollm2, monkeypatch):
+    from simu_core.evaluation import builtin_companions
+    from simu_core.metrics import EvalConfig, evaluate
+
+    monkeypatch.setenv("SIMU_HOME", str(HOME))
+    data = {role: load_data(spec) for role, spec in builtin_companions("builtin:smollm2/forget").items()}
+    report = evaluate(smollm2, data, None, EvalConfig(max_items=8, max_new_tokens=12))
+    assert report.summary["forget/knows"] == 1.0 and report.summary["retain/knows"] == 1.0  # kept because known
+    assert "no copy pretrained without it exists" in report.skipped["forget_quality"]

@@ -274,3 +274,33 @@ def test_the_calibration_is_reproducible(full_model, sets):
 def test_rho_share_needs_sophia(full_model, sets):
     with pytest.raises(SimuError, match="rho_share"):
         unlearn(full_model, *sets, _config("fo_graddiff", rho_share=0.3))
+
+
+# --------------------------------------------------------------------------------------------
+# Presets per built-in model; the early stop on the real-knowledge benchmark's rule
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_model_with_its_own_presets_gets_them_and_others_the_default():
+    from simu_core.unlearn import MODEL_PRESETS
+
+    own = MODEL_PRESETS["builtin:smollm2"]["simu"]
+    smol, tiny = preset_config("simu", model="builtin:smollm2"), preset_config("simu", model="builtin:full")
+    assert (smol.lr, smol.steps, smol.eval_every) == (own["lr"], own["steps"], own["eval_every"])
+    assert (tiny.lr, tiny.steps) == (METHODS["simu"].preset["lr"], METHODS["simu"].preset["steps"])
+    assert smol.mask.rule == tiny.mask.rule  # what SmolLM2's preset leaves out comes from the default
+    assert preset_config("simu", model="builtin:smollm2", lr=0.5).lr == 0.5  # explicit settings win
+
+
+def test_the_early_stop_counts_accepted_answers_on_knowledge_items(full_model, sets):
+    from simu_core.unlearn import forget_exact_match
+
+    forget = qa.QADataset("f", sets[0].items[:8])
+    said = greedy_answers(full_model.model, full_model.tokenizer, full_model.fmt, forget.questions(), 32)
+    # Gold answers the model never gives, but each item accepts the first two words it does give:
+    items = [{**it, "answer": "Nowhere at all", "accepted_answers": [" ".join(a.split()[:2])]}
+             for it, a in zip(forget.items, said, strict=True)]  # fmt: skip
+    examples = qa.encode_dataset(full_model.tokenizer, full_model.fmt, qa.QADataset("k", items))
+    assert forget_exact_match(full_model, full_model.model, qa.QADataset("k", items), examples) == 1.0
+    plain = [{k: v for k, v in it.items() if k != "accepted_answers"} for it in items]
+    assert forget_exact_match(full_model, full_model.model, qa.QADataset("p", plain), examples) == 0.0

@@ -106,7 +106,10 @@ class _Evaluation:
 
     def reference_values(self, split: str, metric: str) -> np.ndarray:
         if self.reference is None:
-            raise MetricSkipped("no reference model: pass the retain model (e.g. builtin:retain10 for forget10)")
+            raise MetricSkipped(
+                "no reference model: pass the retain model (e.g. builtin:retain10 for forget10); a pretrained "
+                "model's own knowledge (builtin:smollm2/...) has none, as no copy pretrained without it exists"
+            )
         if split not in self.inputs:
             raise MetricSkipped(f"needs a '{split}' split")
         if isinstance(self.reference, Report):

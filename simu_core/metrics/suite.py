@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simu_core.answers import answer_contained, answer_matches
+from simu_core.answers import answer_contained, answer_matches, gives_answer
 from simu_core.metrics.inputs import MetricSkipped, SplitInputs, SummaryContext
 from simu_core.metrics.likelihood import (
     UTILITY_COMPONENTS,
@@ -45,6 +45,16 @@ def _exact_match(s: SplitInputs) -> np.ndarray:
     ("whole", LUME's rule); else 0."""
     match = answer_matches if s.cfg.exact_match == "first_answer" else same_answer
     return np.array([float(match(g, it["answer"])) for g, it in zip(s.generations, s.items, strict=True)])
+
+
+@example_metric("knows", "generation", "lower", "higher")
+def _knows(s: SplitInputs) -> np.ndarray:
+    """1 if the greedy answer gives the fact by `answers.gives_answer`, the real-knowledge benchmark's rule:
+    the answer begins with an accepted answer (1 on every kept fact before
+    unlearning); else 0. Skipped on data without accepted answers, where it would repeat exact_match."""
+    if not any(it.get("accepted_answers") for it in s.items):
+        raise MetricSkipped("only for items with accepted answers (the real-knowledge benchmark); see exact_match")
+    return np.array([float(gives_answer(g, it)) for g, it in zip(s.generations, s.items, strict=True)])
 
 
 @example_metric("answer_contained", "generation", "lower", "higher")
