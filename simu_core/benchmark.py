@@ -646,7 +646,7 @@ def paired_difference(records: Sequence[dict], split: str, a: str, b: str, metri
         mean = float(diffs[0]) if len(diffs) else None
         return {"diff": mean, "low": None, "high": None, "n": len(diffs), "word": "n/a"}
     mean = float(diffs.mean())
-    if float(diffs.std(ddof=1)) == 0.0:  # identical differences (e.g. deterministic runs): no interval to give
+    if float(diffs.std(ddof=1)) < 1e-9:  # identical differences (deterministic runs; float noise): no interval
         return {"diff": mean, "low": None, "high": None, "n": len(diffs), "word": "no spread"}
     half = T_975.get(len(diffs) - 1, 1.96) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
     low, high = mean - half, mean + half
