@@ -1,4 +1,6 @@
-"""The quality benchmark: every unlearning method at its preset on the built-in benchmark.
+"""The quality benchmark: every unlearning method at its preset on a benchmark (`BENCHMARKS`): the
+built-in fictitious authors (below), or the real-knowledge benchmark on SmolLM2 (no retain reference;
+forget Asia's capitals, keep Europe's; its presets are tuned on `other_capitals`, never reported).
 
 A *cell* is one (split, method, seed): unlearn `builtin:<split>` (retain: the matching
 `builtin:retainXX`) from `builtin:full` with the method's preset and the cell's seed, then evaluate
