@@ -27,7 +27,9 @@ import torch
 from _common import RESULTS, write_json  # noqa: E402
 
 from simu_core.benchmark import TUNING_SEED, QualityConfig, ensure_size, run_quality  # noqa: E402
+from simu_core.config import parse_setting_value, unlearn_overrides  # noqa: E402
 from simu_core.metrics import EvalConfig  # noqa: E402
+from simu_core.unlearn import METHODS  # noqa: E402
 
 COLUMNS = {
     "builtin": ("forget/exact_match", "retain/exact_match", "world_facts/exact_match", "model_utility",
@@ -40,20 +42,7 @@ SPLIT = {"builtin": "forget10", "smollm2": "other_capitals"}
 # the trainable-set and mask settings only mean something for the masked methods.
 SETTINGS = ("lr", "gamma", "steps")
 MASKED_SETTINGS = ("attention", "mlp_parts", "mask.value", "mask.score", "mask.dual")
-MASKED = ("simu", "random_mask")
-
-
-def parse_value(text: str):
-    """'5' -> 5, '1e-4' -> 0.0001, 'true' -> True, anything else stays a string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+MASKED = tuple(name for name, method in METHODS.items() if method.mask is not None)
 
 
 def grid_points(grid: list[str]) -> list[dict]:
@@ -61,19 +50,8 @@ def grid_points(grid: list[str]) -> list[dict]:
     axes = []
     for item in grid:
         name, _, values = item.partition("=")
-        axes.append([(name, parse_value(v)) for v in values.split(",")])
+        axes.append([(name, parse_setting_value(v)) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)]
-
-
-def as_overrides(point: dict) -> dict:
-    """Dotted `mask.x` keys become the nested mask dict `preset_config` merges into the preset's."""
-    overrides: dict = {}
-    for name, value in point.items():
-        if name.startswith("mask."):
-            overrides.setdefault("mask", {})[name.removeprefix("mask.")] = value
-        else:
-            overrides[name] = value
-    return overrides
 
 
 def point_name(point: dict) -> str:
@@ -136,7 +114,7 @@ def main() -> None:
         new_tokens = 32 if builtin else 12
         for point in grid_points(args.grid):
             qc = QualityConfig(splits=[split], methods=[args.method], seeds=[TUNING_SEED],
-                               eval=EvalConfig(max_items=200, max_new_tokens=new_tokens), overrides=as_overrides(point),
+                               eval=EvalConfig(max_items=200, max_new_tokens=new_tokens), overrides=unlearn_overrides(point),
                                root=root, out=str(out_root / point_name(point)), benchmark=args.benchmark)  # fmt: skip
             record = next(r for r in run_quality(qc).records if r["method"] == args.method)
             print(point_name(point).ljust(48), record["status"], record["metrics"].get("model_utility"), flush=True)

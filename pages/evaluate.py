@@ -25,6 +25,7 @@ from simu_core.evaluation import default_reference, evaluate_specs
 from simu_core.figures import split_bars_figure
 from simu_core.knowledge_check import load_check
 from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, goal_of
+from simu_core.relearn import RelearnConfig, attack_run, load_attack
 from simu_core.runs import read_config
 
 HEADLINE = {
@@ -90,6 +91,50 @@ def evaluate_job(ctx, run_path: Path, device: str, max_items: int) -> str | None
         raise
     return str(files.metrics_path)
 
+
+def relearn_job(ctx, run_path: Path, device: str, steps: int, lr: float) -> dict | None:
+    """Job: the relearning attack on the run's model; writes relearn.json into the run folder (worker thread)."""
+
+    def progress(message: str, fraction: float) -> None:
+        if ctx.cancelled:
+            raise SimuError("cancelled")
+        ctx.report(fraction, message)
+
+    try:
+        return attack_run(run_path, RelearnConfig(steps=steps, lr=lr), device=device, progress=progress)
+    except SimuError:
+        if ctx.cancelled:
+            return None
+        raise
+
+
+with st.expander("Relearning attack: forgotten, or only hidden?", expanded=job_busy("relearn")):
+    st.caption(
+        "Fine-tunes a copy of the run's model for a few steps on one half of the forget set, then counts how many "
+        "facts of the *other* half it gives again. Facts that come back without being trained on were hidden, not "
+        "removed (Lynch et al. 2024; Deeb & Roger 2024). The run's model is not changed."
+    )
+    c = st.columns([1, 1, 2], vertical_alignment="bottom")
+    steps = c[0].number_input("Attack steps", 1, 1000, RelearnConfig().steps, key="ev_relearn_steps")
+    lr = c[1].number_input("Attack lr", 1e-7, 1e-1, RelearnConfig().lr, format="%.0e", key="ev_relearn_lr")
+    job = partial(relearn_job, run_path=run.path, device=st.session_state["device"], steps=int(steps), lr=float(lr))
+    launch_button("Run the attack", "relearn", f"Relearning attack on {name}", job, where=c[2])
+    follow_job("relearn", f"attack run {name}")
+    attack = load_attack(run.path)
+    if attack is not None:
+        cols = st.columns(3)
+        cols[0].metric("Held-out facts given, before", f"{attack['heldout_before']:.0%}")
+        cols[1].metric(
+            "Held-out facts given, after",
+            f"{attack['heldout_after']:.0%}",
+            f"{attack['heldout_after'] - attack['heldout_before']:+.0%}",
+            delta_color="inverse",
+        )
+        cols[2].metric("Trained facts given, after", f"{attack['trained_after']:.0%}")
+        st.caption(
+            f"{attack['n_trained']} facts trained on, {attack['n_heldout']} held out (seed {attack['seed']}); "
+            f"{attack['steps']} AdamW steps at lr {attack['lr']:g}. The trained half shows the attack itself works."
+        )
 
 after, before = run_reports(run.path)
 if after is None or job_busy("evaluate"):  # a running evaluation may have written only part of its files

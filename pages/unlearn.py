@@ -56,7 +56,9 @@ method = st.selectbox(
     names,
     format_func=lambda m: f"{m} · {METHODS[m].help}",
     key="ul_method",
-    help="random_mask is the control for SIMU: a random mask with the same number of neurons per layer.",
+    help="simu_paper is SIMU as the paper describes it (attention in full + the critical neurons' down-projection "
+    "columns); simu also trains their gate/up rows and no attention. random_mask and random_mask_paper are their "
+    "controls: a random mask with the same number of neurons per layer.",
 )
 preset = preset_config(method, model=loaded.spec)
 own_preset = loaded.spec in MODEL_PRESETS  # SmolLM2 has presets of its own; other models start from the default's
@@ -173,7 +175,11 @@ if METHODS[method].mask is not None:
             c[2].success(
                 f"Mask from the Attribution page: **{mask.total()} neurons** ({choice['rule']} {choice['value']}, "
                 f"{f.method}, score {choice['score']}, dual {choice['dual']})"
-                + (" — the control draws the same number at random per layer." if method == "random_mask" else "")
+                + (
+                    " — the control draws the same number at random per layer."
+                    if METHODS[method].mask == "random"
+                    else ""
+                )
             )
         else:
             m = preset.mask

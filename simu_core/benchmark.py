@@ -46,8 +46,19 @@ from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.metrics import EvalConfig, Report, evaluate
 
 QUALITY_METHODS = ("simu", "so_graddiff", "fo_graddiff", "ga", "npo", "random_mask")
-KNOWLEDGE_METHODS = ("simu", "random_mask", "so_graddiff", "fo_graddiff")  # the real-knowledge table's default
+# the real-knowledge table's default: both SIMU variants with their controls, and the unmasked GradDiffs
+KNOWLEDGE_METHODS = ("simu", "random_mask", "simu_paper", "random_mask_paper", "so_graddiff", "fo_graddiff")
 QUALITY_SPLITS = ("forget01", "forget05", "forget10")
+# (method, other) pairs the verdicts compare where both ran: each SIMU variant against SOUL and its random-mask
+# control; the paired intervals add FO-GradDiff.
+VERDICT_PAIRS = (
+    ("simu", "so_graddiff"), ("simu", "random_mask"),
+    ("simu_paper", "so_graddiff"), ("simu_paper", "random_mask_paper"),
+)  # fmt: skip
+PAIRED_COMPARISONS = (
+    ("simu", "random_mask"), ("simu", "so_graddiff"), ("simu", "fo_graddiff"),
+    ("simu_paper", "random_mask_paper"), ("simu_paper", "so_graddiff"), ("simu_paper", "fo_graddiff"),
+)  # fmt: skip
 REFERENCE_ROWS = ("original", "retain_reference")
 TUNING_SEED = 0  # the seed the presets in simu_core/unlearn.py were tuned with
 # Bump when a cell's meaning changes, so old cell files count as stale. 2: the metric fixes of issue 14
@@ -393,6 +404,7 @@ def run_method_cell(cell: Cell, ctx: _Context, key: str) -> dict:
         "train_forget_em": summary["forget_em"], "mask_neurons": summary["mask_neurons"],
         "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
         "device": summary["device"], "config": to_dict(config),
+        "unclipped_mean": summary["unclipped_mean"],  # Sophia's share of unclipped coordinates (None: AdamW)
     }  # fmt: skip
     del result
     return _record(cell, key, report, extra)
@@ -532,9 +544,9 @@ def matched_verdict(
     """Which method keeps the most utility among those that forget about as well as the best one.
 
     Methods whose mean `forget` score (EM by default) is within `tolerance` of the lowest method mean are
-    "matched"; among them the winners by model utility and by `retain`. SIMU is compared with so_graddiff and
-    random_mask: a difference counts as clear when it exceeds twice its standard error
-    (sqrt(s_a^2/n_a + s_b^2/n_b)), else it is a tie.
+    "matched"; among them the winners by model utility and by `retain`. Each pair of `VERDICT_PAIRS` that ran
+    is compared (key "<method>_vs_<other>"): a difference counts as clear when it exceeds twice its standard
+    error (sqrt(s_a^2/n_a + s_b^2/n_b)), else it is a tie.
     """
     methods = {
         m: r for m, r in split_rows.items() if m not in REFERENCE_ROWS and r.get(forget, {}).get("mean") is not None
@@ -548,12 +560,12 @@ def matched_verdict(
         scored = [(methods[m][metric]["mean"], m) for m in matched
                   if metric in methods[m] and methods[m][metric]["mean"] is not None]  # fmt: skip
         verdict[f"best_{metric}"] = max(scored)[1] if scored else None
-    for other in ("so_graddiff", "random_mask"):
-        if "simu" in methods and other in methods:
-            verdict[f"simu_vs_{other}"] = {
-                metric: compare_means(methods["simu"][metric], methods[other][metric])
+    for method, other in VERDICT_PAIRS:
+        if method in methods and other in methods:
+            verdict[f"{method}_vs_{other}"] = {
+                metric: compare_means(methods[method][metric], methods[other][metric])
                 for metric in (forget, "model_utility", retain)
-                if metric in methods["simu"] and metric in methods[other]
+                if metric in methods[method] and metric in methods[other]
             }
     return verdict
 
@@ -623,12 +635,13 @@ def verdict_text(aggregate: dict, splits: Sequence[str], bench: Benchmark | None
             f"{MATCH_TOLERANCE}) : {', '.join(v['matched'])}. Most model utility among them: "
             f"**{v['best_model_utility']}**; most {bench.retain_metric}: **{v[f'best_{bench.retain_metric}']}**."
         )
-        for other in ("so_graddiff", "random_mask"):
-            cmp = v.get(f"simu_vs_{other}")
+        for method, other in VERDICT_PAIRS:
+            cmp = v.get(f"{method}_vs_{other}")
             if cmp:
                 parts = [f"{metric} {c['word']} ({c['diff']:+.3f} ± {c['se']:.3f})" for metric, c in cmp.items()
                          if c["diff"] is not None]  # fmt: skip
-                text += f" SIMU vs {other}: " + "; ".join(parts) + "."
+                name = "SIMU" if method == "simu" else method
+                text += f" {name} vs {other}: " + "; ".join(parts) + "."
         lines.append(text)
     return "\n".join(lines)
 
@@ -675,9 +688,6 @@ def proportion_difference(p1: float, n1: int, p2: float, n2: int) -> dict:
     return {"diff": diff, "low": low, "high": high, "n": (n1, n2), "word": word}
 
 
-PAIRED_AGAINST = ("random_mask", "so_graddiff", "fo_graddiff")
-
-
 def items_evaluated(records: Sequence[dict], qc: QualityConfig, split: str) -> dict[str, int]:
     """Items evaluated per data role of `split`: from the records, else the data sizes capped at max_items."""
     for record in records:
@@ -696,30 +706,32 @@ PAIRED_LEGEND = (
 
 
 def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
-    """SIMU minus each of `PAIRED_AGAINST`, per split and table metric (steps and time left out): a
-    t-interval over seeds, and for shares of items (EM, known) also Newcombe's interval over the items."""
+    """Method minus other for each pair of `PAIRED_COMPARISONS` that ran, per split and table metric (steps
+    and time left out): a t-interval over seeds, and for shares of items (EM, known) also Newcombe's interval
+    over the items."""
     metrics = [(key, title) for key, title, _ in qc.bench.columns if key not in ("steps_done", "unlearn_seconds")]
     lines = []
     for split in qc.splits:
         n_items = items_evaluated(records, qc, split) if any(r["split"] == split for r in records) else {}
         rows = aggregate_records(records, [key for key, _ in metrics]).get(split, {})
-        for other in PAIRED_AGAINST:
-            if "simu" not in qc.methods or other not in rows or "simu" not in rows:
+        for method, other in PAIRED_COMPARISONS:
+            if method not in qc.methods or other not in rows or method not in rows:
                 continue
             seeds, items = [], []
             for key, title in metrics:
-                d = paired_difference(records, split, "simu", other, key)
+                d = paired_difference(records, split, method, other, key)
                 if d["low"] is not None:
                     seeds.append(f"{title} {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['word']}")
                 role, _, name = key.partition("/")
-                a, b = rows["simu"].get(key, {}).get("mean"), rows[other].get(key, {}).get("mean")
+                a, b = rows[method].get(key, {}).get("mean"), rows[other].get(key, {}).get("mean")
                 if name in ("knows", "exact_match") and role in n_items and a is not None and b is not None:
                     p = proportion_difference(a, n_items[role], b, n_items[role])
                     items.append(f"{title} {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] {p['word']}")
+            pair = f"{split}, {method} − {other}"
             if seeds:
-                lines.append(f"- **{split}, simu − {other}**, over {d['n']} paired seeds: " + "; ".join(seeds) + ".")
+                lines.append(f"- **{pair}**, over {d['n']} paired seeds: " + "; ".join(seeds) + ".")
             if items:
-                lines.append(f"- **{split}, simu − {other}**, over the items (seed means): " + "; ".join(items) + ".")
+                lines.append(f"- **{pair}**, over the items (seed means): " + "; ".join(items) + ".")
     return "\n".join(lines)
 
 

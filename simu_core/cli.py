@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from simu_core.config import BUILTIN_SIZES
+from simu_core.config import BUILTIN_SIZES, parse_settings
 from simu_core.errors import SimuError
 
 Arguments = Callable[[argparse.ArgumentParser], None]
@@ -397,6 +397,45 @@ def evaluate_cmd(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# relearn (the relearning attack)
+# --------------------------------------------------------------------------------------------
+
+
+def _relearn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default=None, help="run folder: attack its unlearned model (forget set: the run's)")
+    p.add_argument("--model", default=None, help="or a model spec (e.g. builtin:retain10: the floor, never knew them)")
+    p.add_argument("--forget", default=None, help="forget set spec (default: the run's, else builtin:forget10)")
+    p.add_argument("--steps", type=int, default=10, help="AdamW steps on the trained half (default 10)")
+    p.add_argument("--lr", type=float, default=1e-5, help="the attack's learning rate (default 1e-5)")
+    p.add_argument("--share", type=float, default=0.5, help="share of the forget items trained on (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split into halves (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length (default 32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+
+
+@command("relearn", "relearning attack: fine-tune a copy on half the forget set, count what returns on the other half",
+         _relearn_args)  # fmt: skip
+def relearn_cmd(args: argparse.Namespace) -> dict:
+    from simu_core import data as qa
+    from simu_core.models import load_model
+    from simu_core.relearn import RelearnConfig, attack_run, relearning_attack
+    from simu_core.runs import load_run, read_config
+
+    if bool(args.run) == bool(args.model):
+        raise SimuError("give the model to attack: --run RUN_FOLDER or --model SPEC (one of them).")
+    config = RelearnConfig(steps=args.steps, lr=args.lr, share=args.share, seed=args.seed,
+                           max_new_tokens=args.max_new_tokens)  # fmt: skip
+    if args.run and not args.forget:  # the run's own forget set; the result is kept in the run folder too
+        ensure_builtin_for(read_config(args.run).forget)
+        return {"run": args.run, **attack_run(args.run, config, args.device, stderr_progress)}
+    forget = args.forget or (read_config(args.run).forget if args.run else "builtin:forget10")
+    ensure_builtin_for(args.model, forget)
+    loaded = load_run(args.run, device=args.device) if args.run else load_model(args.model, device=args.device)
+    result = relearning_attack(loaded, loaded.model, qa.load_data(forget), config, stderr_progress)
+    return {"model": loaded.spec, "forget": forget, **result}
+
+
+# --------------------------------------------------------------------------------------------
 # unlearn (SIMU stage 2 and baselines)
 # --------------------------------------------------------------------------------------------
 
@@ -635,12 +674,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", default=None,
                    help="comma-separated forget splits (default: forget01,forget05,forget10; smollm2: forget)")  # fmt: skip
     p.add_argument("--methods", default=None,
-                   help="comma-separated methods (default: all six; smollm2: simu, random_mask, so_graddiff, fo_graddiff)")  # fmt: skip
+                   help="comma-separated methods (default: all six; smollm2: simu, random_mask, simu_paper, "
+                        "random_mask_paper, so_graddiff, fo_graddiff)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="number of seeds per cell (default 3)")
     p.add_argument("--first-seed", type=int, default=1, help="first seed (default 1; presets were tuned with 0)")
     p.add_argument("--max-items", type=int, default=200, help="evaluated items per split, 0 = all (default 200)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length (default 32; smollm2: 12)")
     p.add_argument("--steps", type=int, default=None, help="override every preset's steps (smoke tests only)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="a setting on top of every method's preset, e.g. steps=200 or mask.positions=subject "
+                        "(repeatable; enters each cell's key, so give such a table its own --out)")  # fmt: skip
     p.add_argument("--size", choices=("default", "large"), default=None,
                    help="built-in size (default: $SIMU_BUILTIN_SIZE, else default); large wants a GPU")  # fmt: skip
     p.add_argument("--root", default=None, help="a built-in cache folder to use instead of --size's")
@@ -662,6 +705,7 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.seeds < 1:
         raise SimuError(f"--seeds must be >= 1 (got {args.seeds}).")
+    overrides = parse_settings(args.settings)  # before anything loads: a typo fails fast
     builtin = args.benchmark == "builtin"
     if builtin:
         root = args.root or ensure_size(args.size, stderr_progress)
@@ -678,7 +722,7 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         eval=EvalConfig(
             max_items=args.max_items or None, max_new_tokens=args.max_new_tokens or (32 if builtin else 12)
         ),
-        overrides={"steps": args.steps} if args.steps else {},
+        overrides={**overrides, "steps": args.steps} if args.steps else overrides,
         root=str(root) if root else None,
         out=args.out or ("results" if builtin else f"results/{args.benchmark}"),
         device=args.device,

@@ -223,3 +223,53 @@ class UnlearnConfig:
         config.mask = from_dict(MaskConfig, data.get("mask", {}))
         config.betas = tuple(config.betas)
         return config
+
+
+def parse_setting_value(text: str) -> Any:
+    """'5' -> 5, '1e-4' -> 0.0001, 'true' -> True, 'none' -> None, anything else stays a string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def unlearn_overrides(settings: dict[str, Any]) -> dict:
+    """{'lr': 1e-4, 'mask.positions': 'subject'} -> {'lr': 1e-4, 'mask': {'positions': 'subject'}}, the
+    form `unlearn.preset_config` takes; names must be `UnlearnConfig` fields or `mask.` + `MaskConfig` fields."""
+    from simu_core.errors import SimuError
+
+    fields = {f.name for f in dataclasses.fields(UnlearnConfig)} - {"mask", "method"}
+    mask_fields = {f.name for f in dataclasses.fields(MaskConfig)}
+    overrides: dict = {}
+    for name, value in settings.items():
+        inner = name.removeprefix("mask.")
+        if name.startswith("mask.") and inner in mask_fields:
+            overrides.setdefault("mask", {})[inner] = value
+        elif name in fields:
+            overrides[name] = value
+        else:
+            raise SimuError(
+                f"unknown setting '{name}'. Use an unlearning setting ({', '.join(sorted(fields))}) "
+                f"or mask.<name> ({', '.join(sorted(mask_fields))})."
+            )
+    return overrides
+
+
+def parse_settings(items: list[str]) -> dict:
+    """['lr=1e-4', 'mask.positions=subject'] (command-line NAME=VALUE pairs) -> `unlearn_overrides`."""
+    from simu_core.errors import SimuError
+
+    settings = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SimuError(f"'{item}' is not NAME=VALUE (e.g. lr=1e-4 or mask.positions=subject).")
+        settings[name.strip()] = parse_setting_value(value)
+    return unlearn_overrides(settings)

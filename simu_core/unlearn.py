@@ -142,11 +142,24 @@ _SIMU = {
     },  # fmt: skip
     "stop_forget_em": 0.05,
 }
+# The paper's trainable set (see ../shared/references.md 1.2, from secondary summaries): the attention
+# projections in full plus the critical neurons' down-projection columns; gate/up stay frozen.
+_SIMU_PAPER = {**_SIMU, "attention": True, "mlp_parts": "down", "lr": 1e-4}
 PRESET_NOTES = "tuned on forget10 with seed 0 (bench/tune_presets.py); the search is in docs/RESULTS.md"
 
 METHODS: dict[str, Method] = {
     "simu": Method("SIMU: masked Sophia + GradDiff on the critical neurons", masked_weights, "selected", _SIMU),
     "random_mask": Method("SIMU with a random mask of the same size (control)", masked_weights, "random", _SIMU),
+    "simu_paper": Method(
+        "SIMU as the paper describes it: masked Sophia + GradDiff on the attention projections in full and the "
+        "critical neurons' down-projection columns",
+        masked_weights,
+        "selected",
+        _SIMU_PAPER,
+    ),
+    "random_mask_paper": Method(
+        "simu_paper with a random mask of the same size (control)", masked_weights, "random", _SIMU_PAPER
+    ),
     "so_graddiff": Method(
         "SO-GradDiff (SOUL): Sophia + GradDiff on all weights",
         all_weights,
@@ -210,6 +223,8 @@ MODEL_PRESETS: dict[str, dict[str, dict]] = {
     "builtin:smollm2": {
         "simu": {**_SMOLLM2_RUN, "lr": 1e-4},
         "random_mask": {**_SMOLLM2_RUN, "lr": 1e-4},  # the control takes SIMU's preset
+        "simu_paper": {**_SMOLLM2_RUN, "lr": 1e-5},
+        "random_mask_paper": {**_SMOLLM2_RUN, "lr": 1e-5},  # the control takes simu_paper's
         "so_graddiff": {**_SMOLLM2_RUN, "lr": 3e-6},
         "fo_graddiff": {**_SMOLLM2_RUN, "lr": 1e-5},
         "ga": {"steps": 60, "eval_every": 5},  # no retain term: gamma stays 0

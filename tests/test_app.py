@@ -376,6 +376,19 @@ def test_evaluate_page_shows_before_and_after_for_a_run(app, library_run):
     assert (library_run / "report.html").is_file()
 
 
+def test_evaluate_page_runs_the_relearning_attack_on_a_run_and_keeps_the_result(app, library_run):
+    open_page(app, "evaluate")
+    app.selectbox(key="ev_run").set_value(library_run.name).run()
+    app.number_input(key="ev_relearn_steps").set_value(2).run()
+    app.button(key="launch_relearn").click().run()
+    label = "Held-out facts given, after"
+    poll(app, lambda a: any(m.label == label for m in a.metric) or a.error, "the relearning attack")
+    assert not app.error, texts(app.error)
+    stored = json.loads((library_run / "relearn.json").read_text(encoding="utf-8"))
+    assert stored["steps"] == 2 and len(stored["losses"]) == 2 and stored["forget"] == "builtin:forget10"
+    assert metric(app, label) == f"{stored['heldout_after']:.0%}"
+
+
 def test_compare_shows_short_numbers_and_no_mask_settings_for_a_method_without_a_mask(
     app, library_run, full_model, builtin_dir, app_home
 ):

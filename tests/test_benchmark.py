@@ -54,6 +54,7 @@ def test_a_method_cell_runs_and_is_recorded(first_run):
     record = read_cell(out, Cell("forget10", "ga", 1))
     assert (record["split"], record["method"], record["seed"], record["status"]) == ("forget10", "ga", 1, "ok")
     assert record["steps_done"] == 2 and record["config"]["seed"] == 1 and record["config"]["steps"] == 2
+    assert "unclipped_mean" in record and record["unclipped_mean"] is None  # GA runs AdamW: nothing is clipped
     metrics = record["metrics"]
     assert 0.0 <= metrics["forget_quality"] <= 1.0 and 0.0 <= metrics["model_utility"] <= 1.0
     assert math.isclose(metrics["log10_forget_quality"], math.log10(metrics["forget_quality"]), rel_tol=1e-9)
@@ -118,6 +119,26 @@ def test_a_setting_added_later_changes_the_key_only_when_set():
     assert "rho_share" not in to_dict(benchmark.cell_config(Cell("forget10", "simu", 1), qc))  # at its default
     with_share = QualityConfig(splits=["forget10"], methods=["simu"], seeds=[1], overrides={"rho_share": 0.3})
     assert cell_key(Cell("forget10", "simu", 1), with_share, prints) != key
+
+
+def test_command_line_settings_become_typed_overrides_of_every_cell():
+    from simu_core.config import parse_settings
+
+    overrides = parse_settings(["steps=200", "lr=1e-4", "mask.positions=subject", "stop_forget_em=none"])
+    assert overrides == {"steps": 200, "lr": 1e-4, "mask": {"positions": "subject"}, "stop_forget_em": None}
+    qc = QualityConfig(splits=["forget10"], methods=["simu"], seeds=[1], overrides=overrides)
+    config = benchmark.cell_config(Cell("forget10", "simu", 1), qc)
+    assert (config.steps, config.lr, config.mask.positions) == (200, 1e-4, "subject")
+    assert config.mask.rule == "layer_threshold"  # the rest of the preset's mask stays
+
+
+@pytest.mark.parametrize("item", ["stepz=3", "mask.colour=red", "steps"])
+def test_a_mistyped_setting_is_refused_before_anything_loads(item, capsys):
+    from simu_core.cli import main
+
+    assert main(["bench", "quality", "--root", "/nonexistent", "--set", item]) == 2
+    err = capsys.readouterr().err
+    assert item.partition("=")[0] in err and ("unknown setting" in err or "NAME=VALUE" in err)
 
 
 def test_cells_of_an_older_bench_format_are_stale(monkeypatch):
@@ -300,6 +321,19 @@ def test_paired_difference_matches_scipys_t_interval():
         benchmark.paired_difference(simu[:1] + rand, "forget05", "simu", "random_mask", "model_utility")["word"]
         == "n/a"
     )
+
+
+def test_the_paired_report_compares_each_simu_variant_with_its_own_control():
+    qc = QualityConfig(splits=["forget05"], methods=["simu_paper", "random_mask_paper", "so_graddiff"], seeds=[1, 2])
+    records = [_record("simu_paper", s, 0.0, 0.5 + 0.01 * s, retain_em=0.9) for s in (1, 2)]
+    records += [_record(m, s, 0.0, 0.4, retain_em=0.8) for m in ("random_mask_paper", "so_graddiff") for s in (1, 2)]
+    for record in records:
+        record["n_items"] = {"forget": 20, "retain": 20}
+    text = benchmark.paired_text(records, qc)
+    assert "simu_paper − random_mask_paper" in text and "simu_paper − so_graddiff" in text
+    assert "simu − " not in text  # simu did not run
+    verdict = matched_verdict(aggregate_records(records)["forget05"])
+    assert set(verdict) >= {"simu_paper_vs_so_graddiff", "simu_paper_vs_random_mask_paper"}
 
 
 def test_identical_seed_differences_give_no_interval():

@@ -92,9 +92,23 @@ def test_simu_computes_its_mask_from_attribution_when_none_is_given(full_model, 
     assert result.mask.params["forget_method"] == "grad_x_act"
 
 
-def test_random_mask_control_keeps_the_per_layer_counts(full_model, sets):
+def test_simu_paper_trains_the_attention_in_full_and_only_the_selected_down_columns(full_model, sets):
+    before, mask = _snapshot(full_model.model), _mask(full_model.model)
+    result = unlearn(full_model, *sets, _config("simu_paper", lr=5e-3), mask=mask)
+    after = {name: p.detach() for name, p in result.model.model.named_parameters()}
+    for layer, keep in zip(neuron_layers(result.model.model), mask.layers, strict=True):
+        assert all(not torch.equal(after[f"{n}.weight"], before[f"{n}.weight"]) for n, _ in layer.attention)
+        assert all(torch.equal(after[f"{n}.weight"], before[f"{n}.weight"]) for n, _ in layer.ups)  # gate, up
+        down, outside = f"{layer.down_name}.weight", torch.nonzero(~keep).flatten()
+        assert torch.equal(after[down].index_select(layer.down_dim, outside),
+                           before[down].index_select(layer.down_dim, outside))  # fmt: skip
+        assert not torch.equal(after[down], before[down])
+
+
+@pytest.mark.parametrize("method", ["random_mask", "random_mask_paper"])
+def test_random_mask_control_keeps_the_per_layer_counts(full_model, sets, method):
     mask = _mask(full_model.model)
-    result = unlearn(full_model, *sets, _config("random_mask", steps=1), mask=mask)
+    result = unlearn(full_model, *sets, _config(method, steps=1), mask=mask)
     assert result.mask.counts() == mask.counts()
     assert any(not torch.equal(a, b) for a, b in zip(result.mask.layers, mask.layers, strict=True))
 
