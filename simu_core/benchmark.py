@@ -205,8 +205,8 @@ class Cell:
 
 @dataclass
 class QualityResult:
-    """What `run_quality` did: the records (one per cell, references included), what it computed
-    and skipped, the aggregate, and the files written."""
+    """What `run_quality` did: the records (one per cell, references included), what it computed,
+    skipped (stored before) and left out (not stored, with `stored_only`), the aggregate, the files written."""
 
     records: list[dict]
     computed: list[str]
@@ -214,6 +214,7 @@ class QualityResult:
     aggregate: dict
     files: dict[str, str]
     seconds: float
+    left_out: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,17 +411,21 @@ def run_method_cell(cell: Cell, ctx: _Context, key: str) -> dict:
     return _record(cell, key, report, extra)
 
 
-def run_quality(qc: QualityConfig, progress: Progress = _no_progress, fresh: bool = False) -> QualityResult:
+def run_quality(
+    qc: QualityConfig, progress: Progress = _no_progress, fresh: bool = False, stored_only: bool = False
+) -> QualityResult:
     """Run (or resume) the quality table and write quality.json / quality.md / quality.html under `qc.out`.
 
-    Cells whose stored record carries the current key are skipped unless `fresh`. `progress`
-    receives one line per cell (with an ETA) and its fraction of the cells done.
+    Cells whose stored record carries the current key are skipped unless `fresh`. With `stored_only`
+    nothing is computed: the outputs are written from the stored cells, and the others are left out
+    (listed in the result and on the Markdown page). `progress` receives one line per cell (with an
+    ETA) and its fraction of the cells done.
     """
     start = time.perf_counter()
     cells = plan_cells(qc)
     progress(f"loading models and data ({len(cells)} cells)", 0.0)
     ctx = _Context(qc, progress)
-    records, computed, skipped = [], [], []
+    records, computed, skipped, left_out = [], [], [], []
     spent: list[float] = []
     for i, cell in enumerate(cells):
         key = cell_key(cell, qc, ctx.fingerprints_for(cell.split))
@@ -429,6 +434,10 @@ def run_quality(qc: QualityConfig, progress: Progress = _no_progress, fresh: boo
             records.append(stored)
             skipped.append(cell.name)
             progress(f"[{i + 1}/{len(cells)}] {cell.name}: done before, skipped", (i + 1) / len(cells))
+            continue
+        if stored_only:
+            left_out.append(cell.name)
+            progress(f"[{i + 1}/{len(cells)}] {cell.name}: not stored (or stale), left out", (i + 1) / len(cells))
             continue
         t0 = time.perf_counter()
         run = run_reference_cell if cell.seed is None else run_method_cell
@@ -447,9 +456,9 @@ def run_quality(qc: QualityConfig, progress: Progress = _no_progress, fresh: boo
             (i + 1) / len(cells),
         )
     aggregate = aggregate_records(records, [c[0] for c in qc.bench.columns])
-    meta = describe_run(qc, time.perf_counter() - start)
+    meta = {**describe_run(qc, time.perf_counter() - start), "left_out": left_out}
     files = write_outputs(qc.out, records, aggregate, meta, qc)
-    return QualityResult(records, computed, skipped, aggregate, files, time.perf_counter() - start)
+    return QualityResult(records, computed, skipped, aggregate, files, time.perf_counter() - start, left_out)
 
 
 def describe_run(qc: QualityConfig, seconds: float) -> dict:
@@ -789,6 +798,11 @@ def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Se
         f"greedy answers of up to {qc.eval.max_new_tokens} tokens",
         f"- torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; device {where}",
         f"- created {meta['created']}, {meta['seconds'] / 60:.1f} min for the cells computed in this call",
+        *(
+            [f"- **left out** (not computed yet; written with `--stored-only`): {', '.join(meta['left_out'])}"]
+            if meta.get("left_out")
+            else []
+        ),
         "",
         *(_builtin_legend(records) if qc.benchmark == "builtin" else [_KNOWLEDGE_LEGEND]),
         "",

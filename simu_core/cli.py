@@ -691,6 +691,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
+    p.add_argument("--stored-only", action="store_true",
+                   help="compute nothing: write the table from the stored cells and list the ones left out")  # fmt: skip
 
 
 @command("bench", "benchmarks: `bench quality` runs the method comparison table (resumable)", _bench_args)
@@ -727,9 +729,11 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         out=args.out or ("results" if builtin else f"results/{args.benchmark}"),
         device=args.device,
     )
-    result = run_quality(qc, stderr_progress, fresh=args.fresh)
+    if args.fresh and args.stored_only:
+        raise SimuError("--fresh recomputes every cell and --stored-only computes none: give one of them.")
+    result = run_quality(qc, stderr_progress, fresh=args.fresh, stored_only=args.stored_only)
     return {**result.files, "computed": len(result.computed), "skipped": len(result.skipped),
-            "seconds": round(result.seconds, 1)}  # fmt: skip
+            "left_out": result.left_out, "seconds": round(result.seconds, 1)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ def _finetune(
     batch = qa.collate(qa.encode_dataset(loaded.tokenizer, loaded.fmt, trained), qa.pad_id_of(loaded.tokenizer))
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    for param in model.parameters():  # loaded models come frozen; this is the attack's own copy
+        param.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     losses = []
     model.train()

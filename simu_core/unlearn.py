@@ -144,7 +144,7 @@ _SIMU = {
 }
 # The paper's trainable set (see ../shared/references.md 1.2, from secondary summaries): the attention
 # projections in full plus the critical neurons' down-projection columns; gate/up stay frozen.
-_SIMU_PAPER = {**_SIMU, "attention": True, "mlp_parts": "down", "lr": 1e-4}
+_SIMU_PAPER = {**_SIMU, "attention": True, "mlp_parts": "down", "lr": 1e-4, "gamma": 5.0}
 PRESET_NOTES = "tuned on forget10 with seed 0 (bench/tune_presets.py); the search is in docs/RESULTS.md"
 
 METHODS: dict[str, Method] = {

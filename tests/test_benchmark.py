@@ -84,6 +84,18 @@ def test_resume_skips_finished_cells(builtin_dir, first_run):
     assert [r["created"] for r in again.records] == [r["created"] for r in first.records]
 
 
+def test_stored_only_writes_the_table_from_stored_cells_and_names_the_rest(builtin_dir, first_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(first_run[0], out)
+    qc = _smoke_config(builtin_dir, out)
+    qc.seeds = [1, 2]  # seed 2 was never computed
+    result = run_quality(qc, stored_only=True)
+    assert result.computed == [] and result.left_out == ["forget10__ga__seed2"]
+    assert len(result.skipped) == 3 and read_cell(out, Cell("forget10", "ga", 2)) is None
+    assert "**left out**" in (out / "quality.md").read_text(encoding="utf-8")
+    assert result.aggregate["forget10"]["ga"]["n"] == 1
+
+
 def test_changed_settings_make_only_affected_cells_stale(builtin_dir, first_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(first_run[0], out)

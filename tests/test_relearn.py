@@ -42,6 +42,7 @@ def test_fine_tuning_teaches_a_model_that_never_knew_them_the_trained_facts(buil
     # retain10 never saw forget10's authors: it knows none of the facts, and 40 steps on a half teach it
     # those (the training signal is real); what the held-out half does is what the attack measures.
     never = load_model("builtin:retain10", device="cpu", root=builtin_dir)
+    never.model.requires_grad_(False)  # as the app and the runs hand models over: frozen
     assert known_share(never, never.model, forget, 24) == 0.0
     result = relearning_attack(never, never.model, forget, RelearnConfig(steps=40, lr=3e-3, max_new_tokens=24))
     assert result["trained_before"] == 0.0 and result["trained_after"] >= 0.5
