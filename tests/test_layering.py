@@ -63,8 +63,9 @@ LAYERS = {
     "simu_core.runs": 8,
     # the memory planner (reads the methods' trainable sets and presets)
     "simu_core.memory": 8,
-    # mode connectivity between models and runs
+    # mode connectivity between models and runs; the relearning attack on a model or a run
     "simu_core.connectivity": 9,
+    "simu_core.relearn": 9,
     # every plotly figure
     "simu_core.figures": 10,
     # the HTML evaluation report
