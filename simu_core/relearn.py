@@ -61,9 +61,9 @@ def split_halves(dataset: qa.QADataset, share: float, seed: int) -> tuple[qa.QAD
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
     n_train = min(len(order) - 1, max(1, round(share * len(order))))
-    pick = lambda idx: [dataset.items[i] for i in sorted(idx)]  # noqa: E731
-    return (qa.QADataset(f"{dataset.name}:relearn", pick(order[:n_train])),
-            qa.QADataset(f"{dataset.name}:heldout", pick(order[n_train:])))  # fmt: skip
+    trained, heldout = sorted(order[:n_train]), sorted(order[n_train:])
+    return (qa.QADataset(f"{dataset.name}:relearn", [dataset.items[i] for i in trained]),
+            qa.QADataset(f"{dataset.name}:heldout", [dataset.items[i] for i in heldout]))  # fmt: skip
 
 
 def known_share(loaded: LoadedModel, model: nn.Module, dataset: qa.QADataset, max_new_tokens: int) -> float:
