@@ -402,14 +402,20 @@ def evaluate_cmd(args: argparse.Namespace) -> dict:
 
 
 def _relearn_args(p: argparse.ArgumentParser) -> None:
+    from simu_core.relearn import RelearnConfig
+
+    d = RelearnConfig()  # the defaults live in one place
     p.add_argument("--run", default=None, help="run folder: attack its unlearned model (forget set: the run's)")
     p.add_argument("--model", default=None, help="or a model spec (e.g. builtin:retain10: the floor, never knew them)")
     p.add_argument("--forget", default=None, help="forget set spec (default: the run's, else builtin:forget10)")
-    p.add_argument("--steps", type=int, default=10, help="AdamW steps on the trained half (default 10)")
-    p.add_argument("--lr", type=float, default=1e-5, help="the attack's learning rate (default 1e-5)")
-    p.add_argument("--share", type=float, default=0.5, help="share of the forget items trained on (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split into halves (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length (default 32)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"AdamW steps on the trained half (default {d.steps})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"the attack's learning rate (default {d.lr:g})")
+    p.add_argument(
+        "--share", type=float, default=d.share, help=f"share of the forget items trained on (default {d.share})"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the split into halves (default {d.seed})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"greedy answer length (default {d.max_new_tokens})")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
 
 
@@ -708,6 +714,8 @@ def bench_cmd(args: argparse.Namespace) -> dict:
     if args.seeds < 1:
         raise SimuError(f"--seeds must be >= 1 (got {args.seeds}).")
     overrides = parse_settings(args.settings)  # before anything loads: a typo fails fast
+    if args.fresh and args.stored_only:
+        raise SimuError("--fresh recomputes every cell and --stored-only computes none: give one of them.")
     builtin = args.benchmark == "builtin"
     if builtin:
         root = args.root or ensure_size(args.size, stderr_progress)
@@ -729,8 +737,6 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         out=args.out or ("results" if builtin else f"results/{args.benchmark}"),
         device=args.device,
     )
-    if args.fresh and args.stored_only:
-        raise SimuError("--fresh recomputes every cell and --stored-only computes none: give one of them.")
     result = run_quality(qc, stderr_progress, fresh=args.fresh, stored_only=args.stored_only)
     return {**result.files, "computed": len(result.computed), "skipped": len(result.skipped),
             "left_out": result.left_out, "seconds": round(result.seconds, 1)}  # fmt: skip

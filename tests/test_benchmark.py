@@ -153,6 +153,14 @@ def test_a_mistyped_setting_is_refused_before_anything_loads(item, capsys):
     assert item.partition("=")[0] in err and ("unknown setting" in err or "NAME=VALUE" in err)
 
 
+def test_fresh_and_stored_only_together_are_refused_before_anything_loads(capsys):
+    from simu_core.cli import main
+
+    # smollm2 would build its benchmark first (minutes, a download): the refusal must come before that
+    assert main(["bench", "quality", "--benchmark", "smollm2", "--fresh", "--stored-only"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
 def test_cells_of_an_older_bench_format_are_stale(monkeypatch):
     qc, prints = QualityConfig(splits=["forget10"], methods=["simu"], seeds=[1]), {"builtin:full": "a"}
     key = cell_key(Cell("forget10", "simu", 1), qc, prints)
