@@ -8,6 +8,11 @@ SmolLM2-135M is a randomly initialised Llama of its published shape (30 layers, 
 questions come from the small built-in (token ids < 512 are valid in any vocabulary of 49152).
 
     .venv/bin/python bench/bench_memory.py [--cases small,default,smollm2] [--out bench/results/memory_cpu.json]
+    .venv/bin/python bench/bench_memory.py --shards 2 --out bench/results/memory_cpu_sharded.json
+
+With `--shards N` each case runs on N gloo processes (`torch.distributed.run`): the whole-tensor
+methods sharded with FSDP (`unlearn --shard`), SIMU data-parallel; every process measures its own
+peak, and the row reports the largest against the plan per process (`plan(..., shards=N)`).
 """
 
 from __future__ import annotations
@@ -29,15 +34,16 @@ CASES = {  # name: (data root, model: "builtin" or a KNOWN_SHAPES name, batch ro
 }
 
 
-def measure_case(name: str, methods: list[str]) -> list[dict]:
-    """In this process: plan and measure each method on case `name` (see the module docstring)."""
+def measure_case(name: str, methods: list[str], shards: int = 1) -> list[dict]:
+    """In this process: plan and measure each method on case `name` (see the module docstring); with
+    `shards` > 1, this process's part of a run launched on that many processes."""
     import torch
 
     torch.set_num_threads(1)
     from simu_core import data as qa
     from simu_core import memory
     from simu_core.models import LoadedModel, load_model
-    from simu_core.unlearn import compute_mask, preset_config
+    from simu_core.unlearn import compute_mask, preset_config, whole_tensor_methods
 
     root, model, rows, retain_rows, steps = CASES[name]
     base = load_model(str(REPO / root / "models" / "full"), device="cpu")
@@ -56,27 +62,37 @@ def measure_case(name: str, methods: list[str]) -> list[dict]:
     out = []
     for method in methods:
         config = preset_config(method, steps=steps, device="cpu", stop_forget_em=None, batch_size=len(forget.items),
-                               retain_batch_size=len(retain.items), mask={"method": "grad_x_act"})  # fmt: skip
+                               retain_batch_size=len(retain.items), mask={"method": "grad_x_act"},
+                               shard=shards > 1 and method in whole_tensor_methods())  # fmt: skip
         config.probe_every = 0
         mask = compute_mask(base, forget, retain, config.mask) if method in ("simu", "random_mask") else None
         t0 = time.perf_counter()
         measured = memory.measure_unlearn(base, forget, retain, config, mask)
-        plan = memory.plan(shape, config, seq_len, neurons=mask.total() if mask else None)
-        out.append({"case": name, "method": method, "params": shape.params, "seq_len": seq_len,
+        plan = memory.plan(shape, config, seq_len, neurons=mask.total() if mask else None, shards=shards)
+        out.append({"case": name, "method": method, "shards": plan.shards, "processes": shards,
+                    "params": shape.params, "seq_len": seq_len,
                     "rows": [len(forget.items), len(retain.items)], "measured_bytes": measured,
                     "planned_bytes": plan.total, "planned_over_measured": round(plan.total / measured, 3),
                     "plan": plan.to_dict(), "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
     return out
 
 
-def run_case(name: str, methods: list[str]) -> list[dict]:
-    """`measure_case` in a fresh process with the malloc setting (see the module docstring)."""
+def run_case(name: str, methods: list[str], shards: int = 1) -> list[dict]:
+    """`measure_case` in fresh processes with the malloc setting (see the module docstring): one, or
+    `shards` launched by `torch.distributed.run`, of which the largest peak per method is kept."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    code = f"import json, bench.bench_memory as b; print(json.dumps(b.measure_case({name!r}, {methods!r})))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if shards == 1:
+        command = [sys.executable, "-c",
+                   f"import json, bench.bench_memory as b; print(json.dumps(b.measure_case({name!r}, {methods!r})))"]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(shards), "--master_port",
+                   str(29500 + os.getpid() % 1000), __file__, "--worker", name, "--methods", ",".join(methods),
+                   "--shards", str(shards)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"case {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    per_process = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("[")]
+    return [max(rows, key=lambda r: r["measured_bytes"]) for rows in zip(*per_process, strict=True)]
 
 
 def main() -> None:
@@ -84,13 +100,19 @@ def main() -> None:
     parser.add_argument("--cases", default="small,default,smollm2")
     parser.add_argument("--methods", default="simu,so_graddiff")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_cpu.json"))
+    parser.add_argument("--shards", type=int, default=1, help="processes per case (whole-tensor methods sharded)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one launched process of a case
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure_case(args.worker, args.methods.split(","), args.shards)), flush=True)
+        return
     rows = []
     for name in args.cases.split(","):
-        rows += run_case(name, args.methods.split(","))
-    print(f"{'case':<10}{'method':<14}{'params':>12}{'planned MiB':>14}{'measured MiB':>14}{'ratio':>8}")
+        rows += run_case(name, args.methods.split(","), args.shards)
+    print(f"{'case':<10}{'method':<18}{'params':>12}{'planned MiB':>14}{'measured MiB':>14}{'ratio':>8}")
     for r in rows:
-        print(f"{r['case']:<10}{r['method']:<14}{r['params']:>12,}{r['planned_bytes'] / 2**20:>14.1f}"
+        label = r["method"] + (f" /{r['shards']}" if r.get("shards", 1) > 1 else "")
+        print(f"{r['case']:<10}{label:<18}{r['params']:>12,}{r['planned_bytes'] / 2**20:>14.1f}"
               f"{r['measured_bytes'] / 2**20:>14.1f}{r['planned_over_measured']:>8.3f}")  # fmt: skip
     result = {"load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "rows": rows,
               "method": "peak RSS rise (VmHWM after clear_refs) + resident base, MALLOC_MMAP_THRESHOLD_=65536"}  # fmt: skip

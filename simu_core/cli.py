@@ -484,6 +484,9 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
                    help="train attention projections in SIMU (default: the preset)")  # fmt: skip
     p.add_argument("--no-early-stop", action="store_true", help="run all steps (ignore the preset's forget target)")
+    p.add_argument("--shard", action="store_true", default=None,
+                   help="with --processes N: shard the weights, gradients and optimiser state over the processes "
+                        "with FSDP (methods that train whole tensors: SOUL, FO-GradDiff, GA, NPO)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--runs-dir", default=None, help="where run folders go (default $SIMU_HOME/runs)")
     _processes_arg(p)
@@ -547,7 +550,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
              "weight_decay", "estimator",
              "hessian_interval", "mlp_parts", "stop_forget_em", "stop_forget_loss", "stop_forget_rouge", "seed",
              "max_memory_gb",
-             "attention", "device")  # fmt: skip
+             "attention", "device", "shard")  # fmt: skip
     config = preset_config(args.method, model=args.model, forget=args.forget, retain=retain or "",
                            mask={k: v for k, v in mask.items() if v is not None}, mask_file=args.mask,
                            **{k: getattr(args, k) for k in names})  # fmt: skip
@@ -575,7 +578,8 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     if result.status == "failed":
         raise SimuError(f"{result.error} (run saved, marked failed: {run_dir})")
     knowledge = {"knowledge_check": check.verdict} if check is not None else {}
-    return {"run_dir": str(run_dir), **result.summary(), **knowledge, "processes": group.world}
+    return {"run_dir": str(run_dir), **result.summary(), **knowledge, "processes": group.world,
+            "sharded": bool(config.shard and group.world > 1)}  # fmt: skip
 
 
 def _checked_inputs(config) -> tuple[dict, object]:
@@ -610,6 +614,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="the loaded base model's dtype (default: bfloat16 on CUDA, else float32)")  # fmt: skip
     p.add_argument("--neurons", type=int, default=None, help="SIMU's selected neurons in all (default: 5%% of them)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="plan per process for `unlearn --processes N --shard`: N processes share each batch, and "
+                        "the whole-tensor methods (SOUL, FO-GradDiff, GA, NPO) are sharded over them (default 1)")  # fmt: skip
 
 
 @command("plan", "estimated memory per device of an unlearning run (SIMU vs SOUL side by side)", _plan_args)
@@ -625,7 +632,7 @@ def plan_cmd(args: argparse.Namespace) -> dict:
     configs = [preset_config(m.strip(), batch_size=args.batch_size, retain_batch_size=args.retain_batch_size)
                for m in args.methods.split(",") if m.strip()]  # fmt: skip
     plans = memory.compare(shape, configs, args.seq_len, neurons=args.neurons, base_dtype=dtype,
-                           device=device.split(" ")[0], available=free)  # fmt: skip
+                           device=device.split(" ")[0], available=free, shards=args.shards)  # fmt: skip
     print(memory.table(plans))
     summary = {"model": args.model, "params": shape.params, "device": device, "available_bytes": free}
     if not args.json:

@@ -177,7 +177,8 @@ class UnlearnConfig:
     first sentence of each answer against the gold answer, normalised: `answers.answer_matches`)
     falls to `stop_forget_em`, its greedy ROUGE-L recall to `stop_forget_rouge`, its NLL rises to
     `stop_forget_loss` (checked every `eval_every` steps). It fails when the retain loss rises
-    `collapse_margin` nats above its start or greedy answers on retain probes degenerate.
+    `collapse_margin` nats above its start or greedy answers on retain probes degenerate. `shard`
+    (runs on several processes only) shards the methods that train whole tensors with FSDP.
     """
 
     method: str = "simu"
@@ -216,6 +217,7 @@ class UnlearnConfig:
     seed: int = 0
     device: str | None = None
     max_memory_gb: float | None = None
+    shard: bool = later(False)  # several processes: shard weights, gradients and state with FSDP (whole-tensor methods)
 
     @classmethod
     def from_json(cls, data: dict) -> UnlearnConfig:

@@ -17,6 +17,10 @@ leaves outside the module (`optim.SliceLeaves`), and Sophia's GNB / Hutchinson e
 communication, like the optimiser state, proportional to the mask, and entries outside the mask are
 never touched: they stay bit-identical to the original on every process.
 
+The methods that train whole tensors can instead be sharded (`--shard`, `shard_model`): PyTorch's
+FSDP2 splits every weight, gradient and optimiser moment over the processes; FSDP reduces the
+gradients in the backward, and the run is gathered into a plain model at the end.
+
 Only the main process (rank 0) writes run folders. On one process (no launcher) `current()` returns
 a group of one whose shard is the whole batch and whose reductions are the identity (accelerate is
 not even imported), so single-process runs are unchanged bit for bit.
@@ -179,3 +183,70 @@ def check_batch_sizes(group: Group, *sizes: int) -> None:
             f"batch size {min(small)} is smaller than the {group.world} processes: every process needs at least "
             f"one row. Raise --batch-size / --retain-batch-size to >= {group.world} or launch fewer processes."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding (FSDP2) for the methods that train whole tensors
+# --------------------------------------------------------------------------------------------
+
+
+def shard_model(model: torch.nn.Module, group: Group) -> torch.nn.Module:
+    """Shard `model` over the group's processes with PyTorch's FSDP2 (`fully_shard`), in place.
+
+    Each decoder block (the classes the model lists in `_no_split_modules`) becomes one FSDP unit, the
+    rest (embeddings, final norm, head, tied or not) the root's: a process keeps 1/world of every
+    parameter, its gradient and the optimiser state, and gathers one block's weights at a time for
+    the forward and the backward. Parameters become `DTensor`s (new `nn.Parameter` objects: build the
+    trainable set afterwards). FSDP *averages* the gradients over the processes, while each process
+    already weights its loss by its share of the global batch (see `Share`), so that their sum is the
+    one-process gradient: multiply each process's loss by the world size before `backward()`. (FSDP's
+    divide factor 1 would say the same, but gloo has no PREMUL_SUM reduction.)
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(group.device.type, (group.world,))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (a shard of a parameter, gradient or state of a sharded model)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t` (the tensor itself when it is not sharded)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def sum_over_shards(t: torch.Tensor) -> float:
+    """The sum of all entries of `t` over every process's shard, as a float (a collective when sharded:
+    a DTensor's `.sum()` is a pending partial sum, which `float()` alone would read as this process's)."""
+    s = t.sum()
+    return float(s.full_tensor() if is_sharded(s) else s)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` with every process's shard gathered (a collective when sharded; `t` itself otherwise)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+@torch.no_grad()
+def unsharded_copy(like: torch.nn.Module, sharded: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A plain float32 copy of `like` on `device` holding the values of `sharded` (the same model
+    sharded): every process gathers every parameter, so every process must call it."""
+    import copy
+
+    plain = copy.deepcopy(like).to(device=device, dtype=torch.float32).eval()
+    for name, p in sharded.named_parameters():
+        plain.get_parameter(name).copy_(full_tensor(p.detach()))
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    return plain

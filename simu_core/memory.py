@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -146,6 +146,11 @@ class MemoryPlan:
     total: int
     device: str = ""
     available: int | None = None
+    shards: int = 1  # processes the weights, gradients and state are sharded over (FSDP), 1 = not sharded
+
+    @property
+    def label(self) -> str:
+        return self.method if self.shards == 1 else f"{self.method} /{self.shards}"
 
     @property
     def fits(self) -> bool | None:
@@ -199,12 +204,20 @@ def plan(
     base_dtype: str = "float32",
     device: str = "cpu",
     available: int | None = None,
+    shards: int = 1,
 ) -> MemoryPlan:
     """Estimated peak bytes of `config` on a model of `shape` with rows of `seq_len` tokens.
 
     `neurons`: SIMU's selected neurons in all (default `neuron_fraction` of the MLP neurons).
     `base_dtype`: the loaded base model's dtype (bf16 on GPUs that support it). `available`: free
-    bytes of the device, for `fits`.
+    bytes of the device, for `fits`. `shards`: processes the run is spread over (`--processes N`), each
+    with 1/N of the batch rows; a whole-tensor method is sharded over them (`--shard`, FSDP): each holds
+    1/N of the float32 working copy, the gradients, the optimiser state and the curvature, plus the
+    weights FSDP gathers while it computes (the root's, i.e. embeddings and head, all along, and two
+    decoder blocks at a time: one computing, one prefetched) and, while a unit's gradient is reduced,
+    its unsharded gradient and the reduce-scatter's flat copy (two more of the largest unit); the
+    loaded base model stays whole.
+    Methods that train neuron slices run data-parallel, unsharded (their state is already small).
     """
     if seq_len < 2:
         raise SimuError(f"sequence length must be >= 2 tokens (got {seq_len}).")
@@ -212,18 +225,25 @@ def plan(
         raise SimuError(f"unknown dtype '{base_dtype}'. Choose one of: {', '.join(DTYPE_BYTES)}.")
     if neurons is None:
         neurons = math.ceil(neuron_fraction * shape.d_ff * shape.layers)
+    if shards < 1:
+        raise SimuError(f"shards must be >= 1 (got {shards}).")
     trainable = trainable_entries(shape, config, neurons)
-    weights = shape.params * (DTYPE_BYTES[base_dtype] + 4)
+    sharded = shards if trainable == shape.params else 1
+    blocks = shape.attention_params + shape.mlp_params
+    root, block = shape.params - blocks, blocks // shape.layers
+    gathered = 0 if sharded == 1 else 4 * (root + 2 * block + 2 * max(root, block))
+    weights = shape.params * DTYPE_BYTES[base_dtype] + 4 * shape.params // sharded + gathered
     if config.loss in NEEDS_REFERENCE and device != "cpu":
         weights += shape.params * DTYPE_BYTES[base_dtype]
-    gradients = 4 * trainable
-    optimizer = 8 * trainable
-    curvature = max(curvature_bytes(trainable, config), 3 * 4 * min(trainable, shape.largest))
+    gradients = 4 * trainable // sharded
+    optimizer = 8 * trainable // sharded
+    curvature = max(curvature_bytes(trainable, config) // sharded, 3 * 4 * min(trainable, shape.largest))
     bf16 = device.startswith("cuda") and base_dtype == "bfloat16"  # autocast on CUDA
-    activations = activation_bytes(shape, config, seq_len, neurons, bf16)
+    rows = {"batch_size": -(-config.batch_size // shards), "retain_batch_size": -(-config.retain_batch_size // shards)}
+    activations = activation_bytes(shape, replace(config, **rows), seq_len, neurons, bf16)
     total = weights + gradients + optimizer + max(curvature, activations)
     return MemoryPlan(config.method, trainable, weights, gradients, optimizer, curvature, activations, total,
-                      device, available)  # fmt: skip
+                      device, available, sharded)  # fmt: skip
 
 
 def device_memory(device: str | None = None) -> tuple[str, int]:
@@ -290,7 +310,7 @@ PARTS = ("weights", "gradients", "optimizer", "curvature", "activations", "total
 
 def table(plans: list[MemoryPlan]) -> str:
     """A plain-text table: one column per plan, one row per part, then whether it fits."""
-    head = f"{'':<12}" + "".join(f"{p.method:>16}" for p in plans)
+    head = f"{'':<12}" + "".join(f"{p.label:>16}" for p in plans)
     rows = [head] + [f"{part:<12}" + "".join(f"{size_text(getattr(p, part)):>16}" for p in plans) for part in PARTS]
     rows.append(f"{'trainable':<12}" + "".join(f"{p.trainable:>16,}" for p in plans))
     if plans and plans[0].available is not None:

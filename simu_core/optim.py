@@ -16,6 +16,10 @@ one axis (e.g. the columns of `down_proj.weight` that belong to the selected neu
 curvature and the parameter change only there; the optimiser keeps its state as compact tensors of
 the selected slices (state memory scales with the mask), and entries outside the mask are never
 written, so they stay bit-identical to the original however many steps run.
+
+Whole tensors may be shards of a model sharded with FSDP (`distributed.shard_model`; parameters and
+gradients are DTensors): the state is then sharded like its parameter, the element-wise updates run
+on each process's shard, and the sums (gradient norm, unclipped count) are taken over all shards.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simu_core.distributed import local, sum_over_shards
 from simu_core.errors import SimuError
 
 Curvature = Callable[[], list[torch.Tensor]]  # diagonal estimates shaped like each TrainableParam.target
@@ -164,12 +169,12 @@ class SliceLeaves:
 
 def trainable_grad_norm(params: Sequence[TrainableParam]) -> float:
     """L2 norm of the gradient over trainable entries only (missing grads count as zero)."""
-    total = 0.0
+    squares = 0.0
     for tp in params:
         g = tp.grad()
         if g is not None:
-            total += float(g.float().square().sum())
-    return math.sqrt(total)
+            squares += sum_over_shards(g.float().square())
+    return math.sqrt(squares)
 
 
 @torch.no_grad()
@@ -223,24 +228,25 @@ class Sophia:
         self.weight_decay, self.eps, self.update_interval = weight_decay, eps, update_interval
         self.max_grad_norm = max_grad_norm
         self.t = 0
-        device = self.params[0].param.device
-        self.m = [torch.zeros(tp.compact_shape(), dtype=torch.float32, device=device) for tp in self.params]
-        self.h = [torch.zeros(tp.compact_shape(), dtype=torch.float32, device=device) for tp in self.params]
+        self.m = [_zero_state(tp) for tp in self.params]
+        self.h = [_zero_state(tp) for tp in self.params]
 
     def hessian_due(self) -> bool:
         """Whether the next `step` refreshes the curvature EMA."""
         return self.t % self.update_interval == 0
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.m + self.h)
+        """Bytes of optimiser state on this process (its shards, when the model is sharded)."""
+        return sum(local(t).numel() * t.element_size() for t in self.m + self.h)
 
     @torch.no_grad()
     def clip_ratios(self, sample: int = 1_000_000, seed: int = 0) -> torch.Tensor:
-        """|m| / h of every trained coordinate (a seeded sample of `sample` when there are more), 1-D, CPU.
+        """|m| / h of every trained coordinate (a seeded sample of `sample` when there are more), 1-D, CPU;
+        this process's shards only when the model is sharded.
 
         A coordinate's update is unclipped iff |m| < rho * h, i.e. iff its ratio < rho (inf where h = 0).
         """
-        ratios = torch.cat([(m.abs() / h).flatten() for m, h in zip(self.m, self.h, strict=True)]).cpu()
+        ratios = torch.cat([local(m.abs() / h).flatten() for m, h in zip(self.m, self.h, strict=True)]).cpu()
         if ratios.numel() > sample:
             ratios = ratios[torch.randperm(ratios.numel(), generator=torch.Generator().manual_seed(seed))[:sample]]
         return ratios.nan_to_num(nan=0.0)  # 0 / 0: no gradient and no curvature, never clipped
@@ -269,11 +275,19 @@ class Sophia:
             if tp.decay and self.weight_decay:
                 theta.mul_(1 - self.lr * self.weight_decay)
             ratio = m / torch.clamp(self.rho * h, min=self.eps)
-            unclipped += int((ratio.abs() < 1).sum())
+            unclipped += int(sum_over_shards(ratio.abs() < 1))
             theta.add_(ratio.clamp_(-1.0, 1.0), alpha=-self.lr)
             tp.write(theta if theta.dtype == tp.param.dtype else theta.to(tp.param.dtype))
         total = sum(tp.numel() for tp in self.params)
         return StepStats(norm, refresh, unclipped / max(1, total))
+
+
+def _zero_state(tp: TrainableParam) -> torch.Tensor:
+    """A float32 zero tensor for one state moment of `tp`: compact for masked slices, else shaped (and,
+    for a sharded model, sharded) like the parameter."""
+    if tp.masked:
+        return torch.zeros(tp.compact_shape(), dtype=torch.float32, device=tp.param.device)
+    return torch.zeros_like(tp.param, dtype=torch.float32)
 
 
 class AdamW:
@@ -312,8 +326,11 @@ class AdamW:
         return False
 
     def state_bytes(self) -> int:
+        """Bytes of optimiser state on this process (its shards, when the model is sharded)."""
         moments = ("exp_avg", "exp_avg_sq")
-        return sum(s[k].numel() * s[k].element_size() for s in self.opt.state.values() for k in moments if k in s)
+        return sum(
+            local(s[k]).numel() * s[k].element_size() for s in self.opt.state.values() for k in moments if k in s
+        )
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -345,6 +362,37 @@ def gnb_diagonal(
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     n = logits.shape[0]
     return [torch.zeros_like(p) if g is None else n * g.square() for p, g in zip(params, grads, strict=True)]
+
+
+def gnb_diagonal_sharded(
+    logits: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    positions: int,
+    generator: torch.Generator | None = None,
+    weight: float = 1.0,
+) -> list[torch.Tensor]:
+    """`gnb_diagonal` for a model sharded with FSDP, whose gradients are reduced over the processes in
+    `backward()` only (so `autograd.grad` cannot be used).
+
+    Each process passes its `logits` [B_p, V] and `positions`, the sum of B_p over all processes (a
+    process without rows passes a stand-in row at `weight` 0: the backward's collectives need every
+    process, its contribution is zero). Its sampled-label cross-entropy is
+    summed and divided by `positions`, so the reduced gradient is that of the mean over all positions
+    and the estimate, `positions` * grad^2, is the one-process estimator. The step's own gradients
+    (`.grad`) are kept.
+    """
+    logits = logits.float()
+    with torch.no_grad():
+        sampled = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+    loss = F.cross_entropy(logits, sampled, reduction="sum") * (weight / max(1, positions))
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    loss.backward()
+    estimates = [torch.zeros_like(p) if p.grad is None else positions * p.grad.square() for p in params]
+    for p, g in zip(params, kept, strict=True):
+        p.grad = g
+    return estimates
 
 
 def hutchinson_diagonal(

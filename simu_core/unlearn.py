@@ -58,6 +58,7 @@ from simu_core.optim import (
     Sophia,
     TrainableParam,
     gnb_diagonal,
+    gnb_diagonal_sharded,
     hutchinson_diagonal,
     squared_gradient,
 )
@@ -279,10 +280,23 @@ def validate_config(config: UnlearnConfig) -> None:
         (config.rho_share is None or config.optimizer == "sophia",
          f"rho_share calibrates Sophia's rho; optimizer '{config.optimizer}' has none. Drop --rho-share."),
         (config.forget_tokens in tg.FORGET_TOKENS, f"unknown forget_tokens '{config.forget_tokens}'. Choose one of: {', '.join(tg.FORGET_TOKENS)}."),
+        (not config.shard or get_method(config.method).trainables is all_weights,
+         f"--shard shards methods that train whole tensors ({', '.join(whole_tensor_methods())}); '{config.method}' "
+         "trains neuron slices, whose state is already small: drop --shard (several processes still split the batch)."),
+        (not config.shard or config.estimator != "hutchinson" or config.optimizer != "sophia",
+         "--shard cannot run Hutchinson's estimator (FSDP has no double backward). Use --estimator gnb or sqgrad."),
+        (not config.shard or config.rho_share is None,
+         "--shard with --rho-share is not supported (the probe reads every coordinate on one process). Calibrate "
+         "rho on one process (`--rho-share` without --shard), then pass the rho it reports with --rho."),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise SimuError(message)
+
+
+def whole_tensor_methods() -> list[str]:
+    """The methods that train every weight in full (the ones `shard` applies to)."""
+    return [name for name, m in METHODS.items() if m.trainables is all_weights]
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,8 +512,11 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} TB"
 
 
-def estimate_memory(model: nn.Module, config: UnlearnConfig, state_entries: int, grad_entries: int, length: int) -> int:
-    """Rough peak bytes of a run: fp32 working copy, gradients, optimiser state, activations.
+def estimate_memory(
+    model: nn.Module, config: UnlearnConfig, state_entries: int, grad_entries: int, length: int, shards: int = 1
+) -> int:
+    """Rough peak bytes of a run on one process: fp32 working copy, gradients, optimiser state, activations.
+    With the model sharded over `shards` processes each holds 1/shards of the first three.
 
     Activations per token and layer are taken as ~(16 d + 4 d_ff + heads * length) floats (saved
     inputs of every projection, attention scores, norms), plus 3 copies of the vocabulary logits;
@@ -516,7 +533,7 @@ def estimate_memory(model: nn.Module, config: UnlearnConfig, state_entries: int,
     activations = tokens * per_token * 4 * (3 if config.estimator == "hutchinson" else 1)
     weights = count_parameters(model) * 4
     reference = weights if config.loss in NEEDS_REFERENCE else 0
-    return weights + reference + 4 * grad_entries + 8 * state_entries + activations
+    return reference + (weights + 4 * grad_entries + 8 * state_entries) // shards + activations
 
 
 def available_memory(device: torch.device) -> int:
@@ -602,8 +619,12 @@ def resolve_mask(
 # --------------------------------------------------------------------------------------------
 
 
-def _curvature(config: UnlearnConfig, model: nn.Module, params: list[nn.Parameter], batches, generator, autocast):
-    """The closure Sophia calls on curvature steps: diagonal estimates shaped like each of `params`."""
+def _curvature(
+    config: UnlearnConfig, model: nn.Module, params: list[nn.Parameter], batches, generator, autocast,
+    sharded: distributed.Group | None = None,
+):  # fmt: skip
+    """The closure Sophia calls on curvature steps: diagonal estimates shaped like each of `params`.
+    `sharded`: the group over which the model is sharded (its GNB estimate spans every process's rows)."""
 
     def gnb() -> list[torch.Tensor]:
         rows = []
@@ -611,7 +632,13 @@ def _curvature(config: UnlearnConfig, model: nn.Module, params: list[nn.Paramete
             for batch in batches():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 rows.append(logits[:, :-1][batch["labels"][:, 1:] != -100])
-        return gnb_diagonal(torch.cat(rows).float(), params, generator)
+        logits = torch.cat(rows).float()
+        if sharded is None:
+            return gnb_diagonal(logits, params, generator)
+        counted = 0 if batches.empty else logits.shape[0]  # a process without rows runs a stand-in at weight 0
+        positions = int(sharded.reduce_sum([torch.tensor([counted], dtype=torch.float64, device=logits.device)])[0])
+        weight = sharded.world * float(counted > 0)  # x world: FSDP averages the gradients (see shard_model)
+        return gnb_diagonal_sharded(logits, params, positions, generator, weight=weight)
 
     def hutchinson() -> list[torch.Tensor]:
         with autocast():
@@ -634,6 +661,15 @@ def _changes(trainables: list[TrainableParam], base: nn.Module) -> list[ParamCha
     return changes
 
 
+class _StepBatches(list):
+    """This process's batches of the current step; `empty` when it got no rows (stand-ins at weight 0)."""
+
+    empty: bool = False
+
+    def __call__(self) -> list[dict]:
+        return list(self)
+
+
 @dataclass
 class _Session:
     """Everything one run works with (built by `_prepare`)."""
@@ -653,7 +689,8 @@ class _Session:
     needed_bytes: int
     use_bf16: bool
     group: distributed.Group  # the processes of this run (one without a launcher)
-    current: list[dict] = field(default_factory=list)  # this step's batches (for the curvature closure)
+    sharded: bool  # the working copy is sharded over the group with FSDP (`config.shard`, several processes)
+    current: _StepBatches = field(default_factory=_StepBatches)  # for the curvature closure
 
     @property
     def model(self) -> nn.Module:
@@ -684,6 +721,9 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     work.eval()
     if config.estimator == "hutchinson" and config.optimizer == "sophia" and hasattr(work, "set_attn_implementation"):
         work.set_attn_implementation("eager")  # SDPA has no double backward on CPU
+    sharded = config.shard and group.world > 1
+    if sharded:
+        distributed.shard_model(work, group)  # before the trainable set: sharding makes new parameters
     for p in work.parameters():
         p.requires_grad_(False)
     loaded = LoadedModel(work, base.tokenizer, base.fmt, base.spec, base.source)
@@ -699,7 +739,8 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
     length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
     grad_entries = sum(tp.numel() if tp.masked else tp.param.numel() for tp in trainables)
-    needed = estimate_memory(work, config, sum(tp.numel() for tp in trainables), grad_entries, length)
+    needed = estimate_memory(work, config, sum(tp.numel() for tp in trainables), grad_entries, length,
+                             shards=group.world if sharded else 1)  # fmt: skip
     check_memory(needed, available_memory(device), device, config.max_memory_gb)
 
     for tp in trainables:
@@ -714,7 +755,7 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     probes = (retain if retain is not None else forget).questions()[:8]
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return _Session(config, loaded, mask, trainables, leaves, opt, device, reference, forget, forget_ex, batches,
-                    probes, needed, use_bf16, group)  # fmt: skip
+                    probes, needed, use_bf16, group, sharded)  # fmt: skip
 
 
 class _CollapseGuard:
@@ -752,6 +793,7 @@ def _train_step(session: _Session, step: int, curvature) -> StepRecord | str:
     forget, retain = map(session.group.shard, next(session.batches))  # this process's rows (all on one)
     shares = [s for s in (forget, retain) if s is not None]
     session.current[:] = [s.batch for s in shares if not s.empty] or [s.batch for s in shares]
+    session.current.empty = all(s.empty for s in shares)
     session.opt.lr = lr_at(config, step)
     forget_weight = forget.row_weight if config.loss in PER_SEQUENCE_FORGET else forget.token_weight
     inputs = LossInputs(model, forget.batch, retain.batch if retain else None, session.reference, config.gamma,
@@ -770,7 +812,7 @@ def _train_step(session: _Session, step: int, curvature) -> StepRecord | str:
             f"{retain_loss}). Lower the learning rate (now {config.lr:g}) or the steps."
         )
     session.opt.zero_grad()
-    out.total.backward()
+    (out.total * session.group.world if session.sharded else out.total).backward()  # FSDP averages; we sum
     _reduce_gradients(session)
     stats = session.opt.step(curvature if config.optimizer == "sophia" else None)
     return StepRecord(
@@ -793,7 +835,7 @@ def _global_logs(session: _Session, forget, retain, forget_loss: float, retain_l
 
 def _reduce_gradients(session: _Session) -> None:
     """Sum the trainable gradients over the processes (compact: only the masked slices travel)."""
-    if session.group.world == 1:
+    if session.group.world == 1 or session.sharded:  # FSDP reduced them in the backward
         return
     targets = [tp.target for tp in session.trainables]
     for target, total in zip(targets, session.group.reduce_sum([t.grad for t in targets]), strict=True):
@@ -856,10 +898,9 @@ def unlearn(
         config = dataclasses.replace(config, rho=calibrate_rho(base, forget, retain, config, mask).rho)
     session = _prepare(base, forget, retain, config, mask)
     targets = [tp.target for tp in session.trainables]
-    curvature = _curvature(
-        config, session.model, targets, lambda: session.current, _generator(session), session.autocast
-    )
-    if session.group.world > 1 and config.estimator != "sqgrad":  # sqgrad squares the summed gradient
+    curvature = _curvature(config, session.model, targets, session.current, _generator(session), session.autocast,
+                           session.group if session.sharded else None)  # fmt: skip
+    if session.group.world > 1 and not session.sharded and config.estimator != "sqgrad":  # sqgrad: summed gradient
         curvature = _averaged(session.group, curvature)
     guard = _CollapseGuard(session)
     history: list[StepRecord] = []
@@ -894,7 +935,19 @@ def unlearn(
         ) from err
     finally:
         session.leaves.remove()
-    return _result(session, base, status, stop_reason, error, history, time.perf_counter() - start, found)
+    state_bytes = session.opt.state_bytes()  # on this process (its shards, when sharded)
+    if session.sharded:
+        _unshard(session, base)
+    return _result(session, base, status, stop_reason, error, history, time.perf_counter() - start, found, state_bytes)
+
+
+def _unshard(session: _Session, base: LoadedModel) -> None:
+    """Replace the sharded working copy by a plain one with its values (every process gathers every
+    weight), so that the result, its changes and the saved run are those of an ordinary model."""
+    plain = distributed.unsharded_copy(base.model, session.model, session.device)
+    session.loaded = LoadedModel(plain, base.tokenizer, base.fmt, base.spec, base.source)
+    session.trainables = [TrainableParam(tp.name, plain.get_parameter(tp.name), decay=tp.decay)
+                          for tp in session.trainables]  # fmt: skip
 
 
 def _averaged(group: distributed.Group, curvature):
@@ -906,7 +959,9 @@ def _generator(session: _Session) -> torch.Generator:
     return torch.Generator(device=session.device).manual_seed(session.config.seed)
 
 
-def _result(session: _Session, base: LoadedModel, status, stop_reason, error, history, seconds, found) -> UnlearnResult:
+def _result(
+    session: _Session, base: LoadedModel, status, stop_reason, error, history, seconds, found, state_bytes: int
+) -> UnlearnResult:
     for p in session.model.parameters():
         p.requires_grad_(False)
         p.grad = None
@@ -921,7 +976,7 @@ def _result(session: _Session, base: LoadedModel, status, stop_reason, error, hi
         mask=session.mask,
         changes=_changes(session.trainables, base.model) if status != "failed" else [],
         seconds=seconds,
-        state_bytes=session.opt.state_bytes(),
+        state_bytes=state_bytes,
         trainable_params=sum(tp.numel() for tp in session.trainables),
         total_params=count_parameters(session.model),
         device=str(session.device),
@@ -986,7 +1041,7 @@ def calibrate_rho(
     for _ in range(rounds):
         session = _prepare(base, forget, retain, probe, mask)
         targets = [tp.target for tp in session.trainables]
-        curvature = _curvature(probe, session.model, targets, lambda s=session: s.current, _generator(session),
+        curvature = _curvature(probe, session.model, targets, session.current, _generator(session),
                                session.autocast)  # fmt: skip
         seen = []
         try:

@@ -114,3 +114,22 @@ def test_plan_is_within_20_percent_of_the_measured_peak_on_the_small_builtin(bui
         config = preset_config(method, batch_size=len(forget.items), retain_batch_size=32)
         planned = memory.plan(shape, config, seq_len, neurons=neurons).total
         assert abs(planned / peak - 1) <= 0.20, (method, planned, peak)
+
+
+def test_sharding_divides_soul_state_and_leaves_simu_unsharded():
+    """`shards=4` (`--processes 4 --shard`): SOUL's gradients and moments are a quarter per process, its
+    weights a quarter of the working copy plus what FSDP gathers (embeddings/head and two blocks) on
+    top of the whole base; SIMU trains slices and runs data-parallel, so only its rows per process drop."""
+    shape = memory.shape_of_config(memory.llama_config(**memory.KNOWN_SHAPES["llama-1b"]))
+    simu, soul = memory.compare(shape, [preset_config("simu"), preset_config("so_graddiff")], 256)
+    simu4, soul4 = memory.compare(shape, [preset_config("simu"), preset_config("so_graddiff")], 256, shards=4)
+    assert (soul4.shards, soul4.label, simu4.shards) == (4, "so_graddiff /4", 1)
+    assert soul4.optimizer == soul.optimizer // 4 and soul4.gradients == soul.gradients // 4
+    block = (shape.attention_params + shape.mlp_params) // shape.layers
+    root = shape.params - shape.attention_params - shape.mlp_params
+    gathered = 4 * (root + 2 * block + 2 * max(root, block))  # root + two blocks, unit's grad + reduce buffer
+    assert soul4.weights == 4 * shape.params + shape.params + gathered  # float32 base + this process's shard
+    assert (simu4.weights, simu4.optimizer) == (simu.weights, simu.optimizer)
+    assert simu4.activations < simu.activations
+    with pytest.raises(SimuError, match="shards"):
+        memory.plan(shape, preset_config("so_graddiff"), 256, shards=0)
