@@ -371,28 +371,39 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-split sample (default 0)")
     p.add_argument("--no-before", action="store_true", help="with --run: do not evaluate the base model")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    _processes_arg(p)
 
 
 @command("evaluate", "metrics (forget quality, utility, MIA, ...) and report.html, before and after", _evaluate_args)
-def evaluate_cmd(args: argparse.Namespace) -> dict:
+def evaluate_cmd(args: argparse.Namespace) -> dict | None:
+    from simu_core import distributed
     from simu_core.evaluation import builtin_companions, evaluate_specs
     from simu_core.metrics import EvalConfig
 
+    if _launched_elsewhere(args):
+        return None
     given = {"retain": args.retain, "holdout": args.holdout, "real_authors": args.real_authors,
              "world_facts": args.world_facts}  # fmt: skip
     companions = {k: (None if v.lower() == "none" else v) for k, v in given.items() if v}
     specs = {**builtin_companions(args.data or "builtin:forget10"), **companions}
-    ensure_builtin_for(args.model, args.reference, *specs.values())
+    group = distributed.current(args.device)
+    if group.is_main:
+        ensure_builtin_for(args.model, args.reference, *specs.values())
+    group.barrier()
     config = EvalConfig(max_items=args.max_items or None, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    progress = stderr_progress if group.is_main else (lambda *_: None)
     files = evaluate_specs(args.model, args.run, args.data, args.reference, args.out, config, args.device,
-                           companions, before=not args.no_before, progress=stderr_progress)  # fmt: skip
+                           companions, before=not args.no_before, progress=progress)  # fmt: skip
+    if not group.is_main:
+        return None
     summary = {"out": str(files.metrics_path), "html": str(files.html_path), "model": files.after.model,
                "reference": files.after.reference}  # fmt: skip
     summary.update({k: files.after.summary.get(k) for k in _EVAL_HEADLINE})
     if files.before is not None:
         summary["before"] = {"model": files.before.model, **{k: files.before.summary.get(k) for k in _EVAL_HEADLINE}}
-    summary.update(skipped=files.after.skipped, notes=files.after.notes, seconds=files.after.seconds["total"])
+    summary.update(skipped=files.after.skipped, notes=files.after.notes, seconds=files.after.seconds["total"],
+                   processes=group.world)  # fmt: skip
     return summary
 
 

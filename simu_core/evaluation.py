@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simu_core import data as qa
+from simu_core import distributed
 from simu_core.errors import SimuError
 from simu_core.metrics import EvalConfig, Progress, Report, evaluate
 from simu_core.models import load_model
@@ -109,8 +110,12 @@ def evaluate_specs(
     the forget set (default: the run's, else builtin:forget10); retain / holdout / world facts
     default to the matching built-in splits (`companions` overrides them; None drops one; a
     `real_authors` split, which the built-in does not have, is added only through `companions`).
-    `reference` defaults to builtin:retainXX for a built-in model on builtin:forgetXX.
+    `reference` defaults to builtin:retainXX for a built-in model on builtin:forgetXX. Launched on
+    several processes, each evaluates its part of every split on its own device and only the main
+    process writes the files.
     """
+    group = distributed.current(device)
+    device = str(group.device) if group.world > 1 else device
     run_config = _run_config(run) if run else {}
     base_spec = model or (run_config.get("base") or {}).get("spec")
     if base_spec is None and run is None:
@@ -137,9 +142,12 @@ def evaluate_specs(
         after_model = load_model(base_spec, device=device, root=root)
     progress(f"evaluating {after_model.spec}", 0.0)
     after_report = evaluate(after_model, datasets, ref_model, config, progress)
-    after_report.save(out)
-    before_path = None
-    if before_report is not None:
-        before_path = before_report.save(out.with_name(f"{out.stem}_before.json"))
-    html_path = write_html(out.with_name("report.html"), after_report, before_report)
+    before_path = None if before_report is None else out.with_name(f"{out.stem}_before.json")
+    html_path = out.with_name("report.html")
+    if group.is_main:
+        after_report.save(out)
+        if before_report is not None:
+            before_report.save(before_path)
+        write_html(html_path, after_report, before_report)
+    group.barrier()
     return EvaluationFiles(after_report, before_report, out, before_path, html_path)

@@ -267,3 +267,58 @@ def test_a_sharded_run_estimates_gnb_curvature_across_the_processes(builtin_dir,
     one, two = (load_run(runs[n]["run_dir"], device="cpu").model.state_dict() for n in (1, 2))
     diff = torch.cat([(one[name] - two[name]).abs().flatten() for name in one])
     assert float((diff <= 1e-6).float().mean()) >= 0.95
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation on several processes
+# --------------------------------------------------------------------------------------------
+
+
+def test_statistics_of_parts_concatenate_to_the_whole(full_model, builtin_dir):
+    """`concat_stats` of two consecutive parts is `token_stats` of all sequences: the [N, A] arrays of
+    the part with shorter answers are padded (NaN / False). Tolerance 1e-5: other batches, other sums."""
+    import numpy as np
+
+    from simu_core.metrics.likelihood import concat_stats, token_stats
+
+    items = qa.load_data(str(builtin_dir / "data" / "forget10.jsonl")).items[:9]
+    examples = qa.encode_dataset(full_model.tokenizer, full_model.fmt, qa.QADataset("f", items))
+    pad = qa.pad_id_of(full_model.tokenizer)
+    whole = token_stats(full_model.model, examples, pad, 4, full=True)
+    parts = concat_stats([token_stats(full_model.model, examples[:4], pad, 4, full=True),
+                          token_stats(full_model.model, examples[4:], pad, 4, full=True)])  # fmt: skip
+    assert np.array_equal(parts.n_tokens, whole.n_tokens) and np.array_equal(parts.correct, whole.correct)
+    np.testing.assert_allclose(parts.log_probs, whole.log_probs, rtol=1e-5, atol=1e-5)  # NaN padding in the same places
+    np.testing.assert_allclose(parts.nll_sum, whole.nll_sum, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_evaluate_like_one(builtin_dir, tmp_path, capfd):
+    """`evaluate --processes 2`: each process scores half of every split's items and all get every
+    value back in order, so the report is one process's: the same greedy answers, every value within
+    1e-5 (relative; teacher-forced NLLs come from other batches), only the main process writes."""
+    import math
+
+    from simu_core.cli import main
+
+    data = builtin_dir / "data"
+    args = ["evaluate", "--model", str(builtin_dir / "models" / "full"), "--data", str(data / "forget10.jsonl"),
+            "--retain", str(data / "retain10.jsonl"), "--holdout", str(data / "holdout.jsonl"),
+            "--world-facts", str(data / "world_facts.jsonl"), "--reference", str(builtin_dir / "models" / "retain10"),
+            "--max-items", "30", "--batch-size", "8", "--device", "cpu", "--json"]  # fmt: skip
+    reports = {}
+    for n in (1, 2):
+        out = tmp_path / str(n) / "metrics.json"
+        assert main([*args, "--out", str(out), "--processes", str(n)]) == 0
+        assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["processes"] == n
+        assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.json", "report.html"]
+        reports[n] = json.loads(out.read_text(encoding="utf-8"))
+    one, two = reports[1], reports[2]
+    assert one["summary"].keys() == two["summary"].keys()
+    for key, value in one["summary"].items():
+        other = two["summary"][key]
+        assert (value is None and other is None) or math.isclose(value, other, rel_tol=1e-5, abs_tol=1e-8), key
+    for split, result in one["splits"].items():
+        assert result["generations"] == two["splits"][split]["generations"], split
+        for metric, values in result["values"].items():
+            assert values == pytest.approx(two["splits"][split]["values"][metric], rel=1e-5, abs=1e-8, nan_ok=True)

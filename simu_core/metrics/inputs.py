@@ -22,7 +22,8 @@ from typing import Protocol
 import numpy as np
 
 from simu_core import data as qa
-from simu_core.metrics.likelihood import TokenStats, token_stats
+from simu_core import distributed
+from simu_core.metrics.likelihood import TokenStats, concat_stats, token_stats
 
 
 @dataclass
@@ -91,7 +92,9 @@ class SplitInputs:
     """What the metrics read for one split and one model, computed lazily and cached.
 
     `items` are the (sampled) items; `role` is the split's role (forget/retain/holdout/real_authors/
-    world_facts/other).
+    world_facts/other). Launched on several processes, each computes its contiguous part of the
+    sequences and every process gets all of them back in order (so every process computes the same
+    metrics; the caller lets the main one write).
     """
 
     def __init__(
@@ -117,7 +120,10 @@ class SplitInputs:
     def _stats(self, examples: list[qa.Encoded], full: bool) -> TokenStats:
         tokenizer = self.loaded.tokenizer
         eos = tokenizer.eos_token_id if self.loaded.fmt.appends_eos else None
-        return token_stats(self.loaded.model, examples, qa.pad_id_of(tokenizer), self.cfg.batch_size, full, eos)
+        group = distributed.current()
+        part = group.split(examples)
+        stats = token_stats(self.loaded.model, part, qa.pad_id_of(tokenizer), self.cfg.batch_size, full, eos)
+        return stats if group.world == 1 else concat_stats(group.gather_objects([stats]))
 
     @cached_property
     def generations(self) -> list[str]:
@@ -127,11 +133,13 @@ class SplitInputs:
         with self._clock.time("generation"):
             from simu_core.models import greedy_answers
 
-            questions = [it["question"] for it in self.items]
+            group = distributed.current()
+            questions = group.split([it["question"] for it in self.items])
             lm = self.loaded
-            return greedy_answers(
+            answers = greedy_answers(
                 lm.model, lm.tokenizer, lm.fmt, questions, self.cfg.max_new_tokens, self.cfg.batch_size
             )
+            return group.gather_objects(answers)
 
     @cached_property
     def answer(self) -> TokenStats:

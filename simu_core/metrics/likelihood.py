@@ -66,6 +66,22 @@ class TokenStats:
         return np.where(keep, values, fill)
 
 
+def concat_stats(parts: Sequence[TokenStats]) -> TokenStats:
+    """The statistics of several consecutive groups of sequences as one (e.g. each process's part):
+    [N] arrays are concatenated, [N, A] arrays padded to the longest A first (NaN, or False for `correct`)."""
+
+    def stack(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        if any(a is None for a in arrays):
+            return None
+        width = max(a.shape[1] for a in arrays)
+        fill = False if arrays[0].dtype == bool else np.nan
+        return np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays])
+
+    return TokenStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("nll_sum", "n_tokens", "n_eos")),
+                      stack("log_probs"), stack("correct"), stack("minkpp"))  # fmt: skip
+
+
 @torch.no_grad()
 def token_stats(
     model: nn.Module,
