@@ -67,6 +67,8 @@ TUNING_SEED = 0  # the seed the presets in simu_core/unlearn.py were tuned with
 BENCH_FORMAT = 2
 
 # (flat summary key, column title, digits) of the Markdown table; goals come from metrics.goal_of.
+# Run facts, not quality: no goal, no paired interval.
+RUN_COLUMNS = ("unclipped_mean", "steps_done", "unlearn_seconds")
 TABLE_COLUMNS = (
     ("forget/exact_match", "forget EM ↓", 3),
     ("forget/answer_contained", "forget contained ↓", 3),
@@ -77,6 +79,7 @@ TABLE_COLUMNS = (
     ("retain/rouge_l", "retain ROUGE-L ↑", 3),
     ("world_facts/exact_match", "world facts EM ↑", 3),
     ("privleak", "PrivLeak (→0)", 1),
+    ("unclipped_mean", "Sophia unclipped", 4),
     ("steps_done", "steps", 0),
     ("unlearn_seconds", "unlearn s", 1),
 )
@@ -91,6 +94,7 @@ KNOWLEDGE_COLUMNS = (
     ("neighbour/knows", "neighbour known ↑", 3),
     ("general/knows", "general known ↑", 3),
     ("other_capitals/knows", "other capitals known ↑", 3),
+    ("unclipped_mean", "Sophia unclipped", 4),
     ("steps_done", "steps", 0),
     ("unlearn_seconds", "unlearn s", 1),
 )
@@ -718,7 +722,7 @@ def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
     """Method minus other for each pair of `PAIRED_COMPARISONS` that ran, per split and table metric (steps
     and time left out): a t-interval over seeds, and for shares of items (EM, known) also Newcombe's interval
     over the items."""
-    metrics = [(key, title) for key, title, _ in qc.bench.columns if key not in ("steps_done", "unlearn_seconds")]
+    metrics = [(key, title) for key, title, _ in qc.bench.columns if key not in RUN_COLUMNS]
     lines = []
     for split in qc.splits:
         n_items = items_evaluated(records, qc, split) if any(r["split"] == split for r in records) else {}
@@ -763,9 +767,15 @@ def _builtin_legend(records: Sequence[dict]) -> list[str]:
         "ratios against the retain reference (log10; 0 is the best). Model utility: TOFU's harmonic mean of "
         f"{_utility_note(records)}. PrivLeak: MUSE's relative Min-40% AUC gap to the retain reference, "
         "100 (r - a) / (1 - r) with this project's AUC orientation: about -100 = the forget set is still "
-        "recognised, 0 = like the retain reference, > 0 = over-unlearned.",
+        "recognised, 0 = like the retain reference, > 0 = over-unlearned. " + _UNCLIPPED_LEGEND,
     ]
 
+
+_UNCLIPPED_LEGEND = (
+    "Sophia unclipped: the mean share of Sophia's coordinates whose step was not clipped (|m| < rho h), i.e. "
+    "that took a curvature-scaled step; near 0 the method runs as sign-momentum descent (Sophia's authors aim "
+    "at 0.1-0.5; `rho_share` calibrates rho); – for AdamW and for cells stored before it was recorded."
+)
 
 _KNOWLEDGE_LEGEND = (
     "Each method row: mean ± sample std over the seeds; *original* = the model before unlearning. Known: the "
@@ -774,7 +784,7 @@ _KNOWLEDGE_LEGEND = (
     "Utility (retain): TOFU's harmonic mean on the retain split only. The forget set is Asia's capitals, retain "
     "Europe's (trained on as the retain set); neighbour = other facts about the forget countries, general = "
     "everything else, other capitals = the other continents' capitals (the presets were tuned with those as "
-    "the forget set)."
+    "the forget set). " + _UNCLIPPED_LEGEND
 )
 
 

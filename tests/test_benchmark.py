@@ -368,3 +368,19 @@ def test_proportion_difference_matches_newcombes_worked_example():
     d = benchmark.proportion_difference(56 / 70, 70, 48 / 80, 80)
     assert d["diff"] == pytest.approx(0.2) and d["word"] == "higher"
     assert (d["low"], d["high"]) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))
+
+
+def test_the_table_shows_sophias_unclipped_share_and_no_interval_for_it():
+    """A run fact beside the quality columns: the mean over seeds for Sophia's methods, – where a method
+    has none (AdamW) or its cells predate the record; the paired report leaves it out."""
+    records = [_record("so_graddiff", s, 0.0, 0.5) | {"unclipped_mean": 0.002 * s} for s in (1, 2)]
+    records += [_record("fo_graddiff", s, 0.0, 0.4) | {"unclipped_mean": None} for s in (1, 2)]
+    text = markdown_table(aggregate_records(records, [c[0] for c in benchmark.TABLE_COLUMNS]), ["forget05"],
+                          ["so_graddiff", "fo_graddiff"])  # fmt: skip
+    assert "| Sophia unclipped |" in text
+    assert "| 0.0030 ± 0.0014 |" in text  # 0.002, 0.004: mean 0.003, sample std 0.00141
+    assert text.split("**fo_graddiff**")[1].split("\n")[0].count("| – |") >= 1
+    qc = QualityConfig(splits=["forget05"], methods=["simu", "so_graddiff"], seeds=[1, 2])
+    both = [_record("simu", s, 0.0, 0.5) | {"unclipped_mean": 0.01} for s in (1, 2)] + records[:2]
+    paired = benchmark.paired_text([r | {"n_items": {"forget": 20, "retain": 20}} for r in both], qc)
+    assert "simu − so_graddiff" in paired and "unclipped" not in paired
