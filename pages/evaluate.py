@@ -22,11 +22,11 @@ from pages.common import (
 )
 from simu_core.errors import SimuError
 from simu_core.evaluation import default_reference, evaluate_specs
-from simu_core.figures import split_bars_figure
+from simu_core.figures import curve_points, split_bars_figure, tradeoff_figure
 from simu_core.knowledge_check import load_check
 from simu_core.metrics import EXAMPLE_METRICS, SUMMARY_METRICS, EvalConfig, compare, goal_of
 from simu_core.relearn import RelearnConfig, attack_run, load_attack
-from simu_core.runs import read_config
+from simu_core.runs import read_config, read_history
 
 HEADLINE = {
     "forget_quality": "Forget quality",
@@ -134,6 +134,24 @@ with st.expander("Relearning attack: forgotten, or only hidden?", expanded=job_b
         st.caption(
             f"{attack['n_trained']} facts trained on, {attack['n_heldout']} held out (seed {attack['seed']}); "
             f"{attack['steps']} AdamW steps at lr {attack['lr']:g}. The trained half shows the attack itself works."
+        )
+
+# --------------------------------------------------------------------------- trade-off curve (no evaluation needed)
+with_curves = [n for n in names if curve_points(read_history(by_name[n].path))]
+with st.expander("Trade-off curve: what the run keeps against what it still knows", expanded=name in with_curves):
+    others = st.multiselect("Overlay other runs", [n for n in with_curves if n != name], key="ev_curve_runs")
+    curves = {n: points for n in [name, *others] if (points := curve_points(read_history(by_name[n].path)))}
+    if curves:
+        chart(tradeoff_figure(curves), key="ev_tradeoff")
+        st.caption(
+            "Each line follows one run through its checkpoints, from the right (before unlearning) to the left. A "
+            "curve higher at the same forget score keeps more; compare methods where they forget equally (MUSE's "
+            "rule: the first checkpoint whose forget ROUGE-L is at or below the retain reference model's)."
+        )
+    else:
+        st.caption(
+            "This run recorded no curve. Set **Trade-off curve every (steps)** on the Unlearn page (or "
+            "`--curve-every N` on the command line) to score the model at checkpoints along a run."
         )
 
 after, before = run_reports(run.path)

@@ -24,7 +24,9 @@ from pages.common import (
     show_error,
 )
 from simu_core.config import MaskConfig, UnlearnConfig
+from simu_core.data import load_data
 from simu_core.errors import SimuError
+from simu_core.evaluation import curve_companions
 from simu_core.figures import history_figure
 from simu_core.jobs import DONE, eta_to_stop
 from simu_core.masks import MLP_PARTS, make_mask
@@ -136,6 +138,13 @@ with st.expander("Optimiser and loss settings"):
         )
     if preset.loss == "npo":
         extra["npo_beta"] = field(c[3], "NPO β", "npo_beta", "Inverse temperature of NPO.", format="%.3f")
+    c = st.columns(4)
+    extra["curve_every"] = field(
+        c[0], "Trade-off curve every (steps)", "curve_every",
+        "0 = off. Every this many steps, score greedy answers on a sample of the forget, retain and (built-in "
+        "data) world-facts sets; the Evaluate page plots what each run keeps against what it still knows.",
+        min_value=0,
+    )  # fmt: skip
     st.caption(f"Optimiser `{preset.optimizer}`, loss `{preset.loss}`, betas {tuple(preset.betas)}.")
 
 # --------------------------------------------------------------------------- mask (SIMU and its control)
@@ -222,9 +231,9 @@ def run_job(
     def on_step(record) -> None:
         ctx.report(record.step / record.steps, f"step {record.step}/{record.steps}", **record.to_dict())
 
-    result, path = run_unlearning(
-        config, folder, base=base, forget=forget, retain=retain, mask=mask, callback=on_step, cancel=ctx.cancel_event
-    )
+    extra_sets = {name: load_data(spec) for name, spec in curve_companions(config.forget).items()}
+    result, path = run_unlearning(config, folder, base=base, forget=forget, retain=retain, mask=mask, callback=on_step,
+                                  cancel=ctx.cancel_event, curve_sets=extra_sets if config.curve_every else None)  # fmt: skip
     if knowledge is not None:
         knowledge.save(path)  # the run says whether the model knew its forget set before it started
     return {"folder": str(path), "summary": result.summary()}

@@ -495,6 +495,10 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
                    help="train attention projections in SIMU (default: the preset)")  # fmt: skip
     p.add_argument("--no-early-stop", action="store_true", help="run all steps (ignore the preset's forget target)")
+    p.add_argument("--curve-every", type=int, default=None,
+                   help="record the trade-off curve: greedy EM and ROUGE-L on forget, retain and (built-in data) "
+                        "world facts / neighbour / general every N steps (default 0: off)")  # fmt: skip
+    p.add_argument("--curve-items", type=int, default=None, help="items per set at each curve point (default 50)")
     p.add_argument("--shard", action="store_true", default=None,
                    help="with --processes N: shard the weights, gradients and optimiser state over the processes "
                         "with FSDP (methods that train whole tensors: SOUL, FO-GradDiff, GA, NPO)")  # fmt: skip
@@ -561,7 +565,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
              "weight_decay", "estimator",
              "hessian_interval", "mlp_parts", "stop_forget_em", "stop_forget_loss", "stop_forget_rouge", "seed",
              "max_memory_gb",
-             "attention", "device", "shard")  # fmt: skip
+             "attention", "device", "shard", "curve_every", "curve_items")  # fmt: skip
     config = preset_config(args.method, model=args.model, forget=args.forget, retain=retain or "",
                            mask={k: v for k, v in mask.items() if v is not None}, mask_file=args.mask,
                            **{k: getattr(args, k) for k in names})  # fmt: skip
@@ -579,7 +583,8 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop and save as cancelled
     try:
-        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel, **given)
+        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel,
+                                         curve_sets=_curve_sets(config), **given)  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)
     if not group.is_main:
@@ -591,6 +596,16 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     knowledge = {"knowledge_check": check.verdict} if check is not None else {}
     return {"run_dir": str(run_dir), **result.summary(), **knowledge, "processes": group.world,
             "sharded": bool(config.shard and group.world > 1)}  # fmt: skip
+
+
+def _curve_sets(config) -> dict | None:
+    """The trade-off curve's extra sets for this run (`evaluation.curve_companions`), loaded; None when off."""
+    from simu_core import data as qa
+    from simu_core.evaluation import curve_companions
+
+    if not config.curve_every:
+        return None
+    return {name: qa.load_data(spec) for name, spec in curve_companions(config.forget).items()}
 
 
 def _checked_inputs(config) -> tuple[dict, object]:

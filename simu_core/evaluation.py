@@ -62,6 +62,16 @@ def builtin_companions(forget_spec: str) -> dict[str, str]:
     }
 
 
+def curve_companions(forget_spec: str) -> dict[str, str]:
+    """The sets a trade-off curve scores besides forget and retain: for a built-in forget split, what
+    else the benchmark keeps (world facts; a real-knowledge benchmark's neighbour and general facts);
+    nothing for other data."""
+    if not forget_spec.startswith("builtin:"):
+        return {}
+    skip = ("forget", "retain", "holdout", "other_capitals")
+    return {name: spec for name, spec in builtin_companions(forget_spec).items() if name not in skip}
+
+
 def default_reference(model_spec: str, forget_spec: str) -> str | None:
     """The retain reference for a built-in model on a built-in forget split (builtin:retainXX), else None.
 

@@ -250,6 +250,42 @@ _SPLIT_COLORS = {"forget": "#d62728", "retain": "#1f77b4"}
 _FALLBACK_COLORS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 
 
+def curve_points(records: Sequence[dict]) -> list[dict]:
+    """The trade-off curve points of a run's per-step records (`StepRecord.curve`), each with its step."""
+    return [{"step": r["step"], **r["curve"]} for r in records if r.get("curve")]
+
+
+def tradeoff_figure(
+    curves: dict[str, list[dict]], reference: float | None = None, x: str = "forget/rouge_l"
+) -> go.Figure:
+    """What each run keeps (y) against what it still knows of the forget set (x), one line per run along its
+    checkpoints (`curve_points`; hover: the step), one panel per kept set (retain, world facts, ...).
+
+    x runs from right (before unlearning) to left; `reference`: the retain reference's forget score, drawn
+    as a vertical line (MUSE's rule reads each curve where it first crosses it)."""
+    kept = sorted({k for points in curves.values() for p in points for k in p if k.endswith("/exact_match")}
+                  - {x.split("/")[0] + "/exact_match"})  # fmt: skip
+    fig = make_subplots(rows=1, cols=max(1, len(kept)), shared_xaxes=True,
+                        subplot_titles=[k.split("/")[0].replace("_", " ") + " exact match" for k in kept])  # fmt: skip
+    for i, (name, points) in enumerate(curves.items()):
+        color = _RUN_COLORS[i % len(_RUN_COLORS)]
+        for col, key in enumerate(kept, start=1):
+            fig.add_scatter(x=[p.get(x) for p in points], y=[p.get(key) for p in points], mode="lines+markers",
+                            name=name, legendgroup=name, showlegend=col == 1, line={"color": color},
+                            text=[f"step {p['step']}" for p in points], row=1, col=col,
+                            hovertemplate="%{text}<br>forget %{x:.3f}<br>kept %{y:.3f}<extra>" + name + "</extra>")  # fmt: skip
+        if reference is not None:
+            for col in range(1, len(kept) + 1):
+                fig.add_vline(x=reference, line={"color": "#7f7f7f", "dash": "dot"}, row=1, col=col)
+    title = "Trade-off along each run: kept (exact match) against forget " + x.split("/")[1].replace("_", "-").upper()
+    if reference is not None:
+        title += f" (dotted: the retain reference, {reference:.3f})"
+    fig.update_layout(title=title, height=420, margin={"l": 60, "r": 20, "t": 70, "b": 50})
+    fig.update_xaxes(title_text=x.replace("/", " ").replace("_", " "), autorange="reversed")
+    fig.update_yaxes(range=[-0.02, 1.02])
+    return fig
+
+
 def path_figure(result: PathResult) -> go.Figure:
     """Loss (nats per answer token) vs t for each split, the linear path dashed when present, each
     split's barrier marked at its peak; ROUGE-L recall in a second panel when present."""

@@ -170,8 +170,10 @@ def run_unlearning(
     root: str | Path | None = None,
     callback=None,
     cancel: threading.Event | None = None,
+    curve_sets: dict[str, qa.QADataset] | None = None,
 ):
-    """Load what `config` names (unless given), unlearn, and save the run folder.
+    """Load what `config` names (unless given), unlearn, and save the run folder (`curve_sets`: the
+    extra sets of the trade-off curve, see `unlearn.unlearn`).
 
     Returns (UnlearnResult, run folder); under several processes only the main one (rank 0) writes the
     folder, the others return None for it. Bad settings raise SimuError before anything is written; an
@@ -186,7 +188,9 @@ def run_unlearning(
     if retain is None and config.retain:
         retain = qa.load_data(config.retain, root=root)
     try:
-        result = unlearn(base, forget, retain, config, mask=mask, callback=callback, cancel=cancel)
+        result = unlearn(
+            base, forget, retain, config, mask=mask, callback=callback, cancel=cancel, curve_sets=curve_sets
+        )
     except SimuError:
         raise
     except Exception as err:

@@ -285,6 +285,8 @@ def validate_config(config: UnlearnConfig) -> None:
          "trains neuron slices, whose state is already small: drop --shard (several processes still split the batch)."),
         (not config.shard or config.estimator != "hutchinson" or config.optimizer != "sophia",
          "--shard cannot run Hutchinson's estimator (FSDP has no double backward). Use --estimator gnb or sqgrad."),
+        (config.curve_every >= 0 and config.curve_items >= 1,
+         f"curve_every must be >= 0 and curve_items >= 1 (got {config.curve_every}, {config.curve_items})."),
         (not config.shard or config.rho_share is None,
          "--shard with --rho-share is not supported (the probe reads every coordinate on one process). Calibrate "
          "rho on one process (`--rho-share` without --shard), then pass the rho it reports with --rho."),
@@ -309,7 +311,7 @@ class StepRecord:
     """One step, as the callback and history.jsonl see it. Losses in nats per answer token (batch
     values); `seconds` is this step's wall time, `elapsed`/`eta` in seconds for the whole run.
     `forget_em` / `forget_rouge` / `forget_nll` (whole forget set) are filled on evaluation steps only
-    (those the early-stop targets ask for)."""
+    (those the early-stop targets ask for); `curve` on the steps `curve_every` asks for."""
 
     step: int
     steps: int
@@ -326,6 +328,7 @@ class StepRecord:
     forget_em: float | None = None
     forget_rouge: float | None = None
     forget_nll: float | None = None
+    curve: dict[str, float] | None = None  # trade-off curve point ("forget/rouge_l", ...) on curve steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -881,10 +884,12 @@ def unlearn(
     mask: NeuronMask | None = None,
     callback: Callback | None = None,
     cancel: threading.Event | None = None,
+    curve_sets: dict[str, qa.QADataset] | None = None,
 ) -> UnlearnResult:
     """Unlearn `forget` from a deep copy of `base.model` (see the module docstring).
 
     `mask` (for simu / random_mask) overrides `config.mask_file` and the attribution settings.
+    `curve_sets`: sets scored at curve points besides forget and retain (e.g. world facts).
     Raises SimuError for bad settings or input; a run stopped by a guard or cancelled returns a
     result whose `status` says so.
     """
@@ -917,6 +922,8 @@ def unlearn(
                 break
             reason = guard.check(step, record.retain_loss)
             reached = reason is None and _target_reached(session, record)
+            if config.curve_every and (step % config.curve_every == 0 or step == config.steps or reason or reached):
+                record.curve = curve_point(session.loaded, session.model, config, forget, retain, curve_sets)
             record.seconds, record.elapsed = time.perf_counter() - t0, time.perf_counter() - start
             record.eta = record.elapsed / step * (config.steps - step)
             history.append(record)
@@ -948,6 +955,17 @@ def _unshard(session: _Session, base: LoadedModel) -> None:
     session.loaded = LoadedModel(plain, base.tokenizer, base.fmt, base.spec, base.source)
     session.trainables = [TrainableParam(tp.name, plain.get_parameter(tp.name), decay=tp.decay)
                           for tp in session.trainables]  # fmt: skip
+
+
+def curve_point(
+    loaded: LoadedModel, model: nn.Module, config: UnlearnConfig, forget, retain, extra: dict | None = None
+) -> dict[str, float]:
+    """One trade-off curve point of `model`: `metrics.curve.checkpoint_scores` on the forget, retain
+    (if any) and `extra` sets, `config.curve_items` items each."""
+    from simu_core.metrics.curve import checkpoint_scores
+
+    sets = {"forget": forget, **({"retain": retain} if retain is not None else {}), **(extra or {})}
+    return checkpoint_scores(loaded, model, sets, config.curve_items)
 
 
 def _averaged(group: distributed.Group, curvature):

@@ -389,6 +389,22 @@ def test_evaluate_page_runs_the_relearning_attack_on_a_run_and_keeps_the_result(
     assert metric(app, label) == f"{stored['heldout_after']:.0%}"
 
 
+def test_evaluate_page_plots_the_trade_off_curve_of_a_run_that_recorded_one(app, full_model, builtin_dir, app_home):
+    """No evaluation needed: the curve comes from the run's history (points every step here)."""
+    config = preset_config("fo_graddiff", steps=2, batch_size=8, retain_batch_size=8, probe_every=0, device="cpu",
+                           curve_every=1, curve_items=4)  # fmt: skip
+    config.stop_forget_em = None
+    forget, retain = qa.load_data(config.forget, root=builtin_dir), qa.load_data(config.retain, root=builtin_dir)
+    _, folder = run_unlearning(config, app_home / "runs", base=full_model, forget=forget, retain=retain)
+    open_page(app, "evaluate")
+    app.selectbox(key="ev_run").set_value(folder.name).run()
+    assert not app.exception, app.exception
+    expander = next(e for e in app.expander if e.label.startswith("Trade-off curve"))
+    figures = [json.loads(c.proto.spec) for c in expander.get("plotly_chart")]
+    assert len(figures) == 1 and len(figures[0]["data"]) == 1  # one kept set (retain), one run
+    assert [len(figures[0]["data"][0]["x"])] == [2]  # a point at each of the 2 steps
+
+
 def test_compare_shows_short_numbers_and_no_mask_settings_for_a_method_without_a_mask(
     app, library_run, full_model, builtin_dir, app_home
 ):

@@ -55,6 +55,7 @@ LAYERS = {
     "simu_core.metrics.suite": 6,
     "simu_core.metrics.results": 6,
     "simu_core.metrics.driver": 6,
+    "simu_core.metrics.curve": 6,  # trade-off curve points and MUSE's checkpoint rule
     # unlearning (stage 2 and the baselines); does the model know the forget set (before attribution/unlearning)
     "simu_core.unlearn": 7,
     "simu_core.knowledge_check": 7,
