@@ -374,12 +374,12 @@ def gnb_diagonal_sharded(
     """`gnb_diagonal` for a model sharded with FSDP, whose gradients are reduced over the processes in
     `backward()` only (so `autograd.grad` cannot be used).
 
-    Each process passes its `logits` [B_p, V] and `positions`, the sum of B_p over all processes (a
-    process without rows passes a stand-in row at `weight` 0: the backward's collectives need every
-    process, its contribution is zero). Its sampled-label cross-entropy is
-    summed and divided by `positions`, so the reduced gradient is that of the mean over all positions
-    and the estimate, `positions` * grad^2, is the one-process estimator. The step's own gradients
-    (`.grad`) are kept.
+    Each process passes its `logits` [B_p, V] and `positions`, the sum of B_p over all processes. Its
+    sampled-label cross-entropy is summed and divided by `positions`, so the reduced (summed) gradient
+    is that of the mean over all positions and the estimate, `positions` * grad^2, is the one-process
+    estimator. `weight` multiplies the loss: the process count where the backward averages gradients
+    over processes (FSDP), 0 for a process without rows that passes a stand-in row (the backward's
+    collectives need every process). The step's own gradients (`.grad`) are kept.
     """
     logits = logits.float()
     with torch.no_grad():
