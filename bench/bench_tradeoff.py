@@ -101,15 +101,15 @@ def main() -> None:
             run = curve_of(method, seed, base, sets, args)
             runs.append({**run, **readings(run, reference["forget/rouge_l"])})
             print(f"{method} seed {seed}: {run['steps_done']} steps, {run['seconds']} s", flush=True)
-    table = markdown(runs, reference)
+            table = markdown(runs, reference)  # written after every run: a long job keeps what it did
+            _common.write_json(args.out, {"settings": vars(args), "reference": reference, "original": sets["original"],
+                                          "runs": runs, "markdown": table, "cpu_count": os.cpu_count(),
+                                          "load_average": [load_start, os.getloadavg()]})  # fmt: skip
     print(table)
     figures = [tradeoff_figure({r["method"]: r["points"] for r in runs if r["seed"] == seed},
                                reference["forget/rouge_l"]).update_layout(title=f"{args.split}, seed {seed}")
                for seed in range(1, args.seeds + 1)]  # fmt: skip
     write_figures(args.html, figures, f"Trade-off curves on the built-in ({args.split})")
-    _common.write_json(args.out, {"settings": vars(args), "reference": reference, "original": sets["original"],
-                                  "runs": runs, "markdown": table, "load_average": [load_start, os.getloadavg()],
-                                  "cpu_count": os.cpu_count()})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -539,8 +539,9 @@ def plotly_js() -> str:
 
 
 def write_figures(path: str | Path, figures: Sequence[go.Figure], title: str) -> Path:
-    """All figures in one self-contained HTML page (plotly.js inlined once)."""
+    """All figures in one self-contained HTML page (plotly.js inlined once); folders are made as needed."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     html = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"

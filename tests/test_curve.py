@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from simu_core import data as qa
-from simu_core.figures import curve_points, tradeoff_figure
+from simu_core.figures import curve_points, tradeoff_figure, write_figures
 from simu_core.metrics import EvalConfig, evaluate
 from simu_core.metrics.curve import checkpoint_scores, first_reaching
 from simu_core.unlearn import preset_config, unlearn
@@ -50,9 +50,10 @@ def test_muse_rule_takes_the_first_checkpoint_at_or_below_the_reference():
     assert first_reaching(points, 0.2) is None
 
 
-def test_the_figure_has_one_panel_per_kept_set_and_one_line_per_run():
+def test_the_figure_has_one_panel_per_kept_set_and_one_line_per_run(tmp_path):
     points = [{"step": s, "forget/rouge_l": 1 - s / 10, "forget/exact_match": 0.0, "retain/exact_match": 0.9,
                "world_facts/exact_match": 0.8} for s in (1, 2)]  # fmt: skip
     fig = tradeoff_figure({"a": points, "b": points}, reference=0.5)
     assert len(fig.data) == 4  # 2 runs x 2 kept sets (forget's own exact match is not a panel)
     assert {t.text for t in fig.layout.annotations if t.text} >= {"retain exact match", "world facts exact match"}
+    assert write_figures(tmp_path / "new" / "curves.html", [fig], "curves").is_file()  # folders made as needed
