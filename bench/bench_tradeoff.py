@@ -17,8 +17,10 @@ per seed) and prints a Markdown table (load average at start and end).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import _common
 import torch
@@ -84,7 +86,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(_common.RESULTS / "tradeoff.json"))
     parser.add_argument("--html", default=str(_common.REPO / "results" / "tradeoff" / "curves.html"))
+    parser.add_argument("--plot-only", action="store_true", help="compute nothing: draw --html from the runs in --out")
     args = parser.parse_args()
+    if args.plot_only:
+        stored = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        return plot(stored["runs"], stored["reference"], args)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     specs = builtin_companions(f"builtin:{args.split}")
@@ -106,10 +112,16 @@ def main() -> None:
                                           "runs": runs, "markdown": table, "cpu_count": os.cpu_count(),
                                           "load_average": [load_start, os.getloadavg()]})  # fmt: skip
     print(table)
+    plot(runs, reference, args)
+
+
+def plot(runs: list[dict], reference: dict, args) -> None:
+    """One trade-off figure per seed (every method's curve, the reference's forget ROUGE-L dotted) -> --html."""
+    seeds = sorted({r["seed"] for r in runs})
     figures = [tradeoff_figure({r["method"]: r["points"] for r in runs if r["seed"] == seed},
                                reference["forget/rouge_l"]).update_layout(title=f"{args.split}, seed {seed}")
-               for seed in range(1, args.seeds + 1)]  # fmt: skip
-    write_figures(args.html, figures, f"Trade-off curves on the built-in ({args.split})")
+               for seed in seeds]  # fmt: skip
+    print(f"wrote {write_figures(args.html, figures, f'Trade-off curves on the built-in ({args.split})')}")
 
 
 if __name__ == "__main__":

@@ -274,9 +274,9 @@ def tradeoff_figure(
                             name=name, legendgroup=name, showlegend=col == 1, line={"color": color},
                             text=[f"step {p['step']}" for p in points], row=1, col=col,
                             hovertemplate="%{text}<br>forget %{x:.3f}<br>kept %{y:.3f}<extra>" + name + "</extra>")  # fmt: skip
-        if reference is not None:
-            for col in range(1, len(kept) + 1):
-                fig.add_vline(x=reference, line={"color": "#7f7f7f", "dash": "dot"}, row=1, col=col)
+    if reference is not None:
+        for col in range(1, len(kept) + 1):
+            fig.add_vline(x=reference, line={"color": "#7f7f7f", "dash": "dot"}, row=1, col=col)
     title = "Trade-off along each run: kept (exact match) against forget " + x.split("/")[1].replace("_", "-").upper()
     if reference is not None:
         title += f" (dotted: the retain reference, {reference:.3f})"

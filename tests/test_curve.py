@@ -55,5 +55,6 @@ def test_the_figure_has_one_panel_per_kept_set_and_one_line_per_run(tmp_path):
                "world_facts/exact_match": 0.8} for s in (1, 2)]  # fmt: skip
     fig = tradeoff_figure({"a": points, "b": points}, reference=0.5)
     assert len(fig.data) == 4  # 2 runs x 2 kept sets (forget's own exact match is not a panel)
+    assert len(fig.layout.shapes) == 2  # the reference line once per panel
     assert {t.text for t in fig.layout.annotations if t.text} >= {"retain exact match", "world facts exact match"}
     assert write_figures(tmp_path / "new" / "curves.html", [fig], "curves").is_file()  # folders made as needed
