@@ -549,6 +549,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     import threading
 
     from simu_core import distributed
+    from simu_core.evaluation import curve_sets
     from simu_core.runs import run_unlearning
     from simu_core.unlearn import preset_config, validate_config
 
@@ -583,8 +584,9 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop and save as cancelled
     try:
-        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel,
-                                         curve_sets=_curve_sets(config), **given)  # fmt: skip
+        extra = curve_sets(config.forget) if config.curve_every else None
+        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel, curve_sets=extra,
+                                         **given)  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)
     if not group.is_main:
@@ -596,16 +598,6 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     knowledge = {"knowledge_check": check.verdict} if check is not None else {}
     return {"run_dir": str(run_dir), **result.summary(), **knowledge, "processes": group.world,
             "sharded": bool(config.shard and group.world > 1)}  # fmt: skip
-
-
-def _curve_sets(config) -> dict | None:
-    """The trade-off curve's extra sets for this run (`evaluation.curve_companions`), loaded; None when off."""
-    from simu_core import data as qa
-    from simu_core.evaluation import curve_companions
-
-    if not config.curve_every:
-        return None
-    return {name: qa.load_data(spec) for name, spec in curve_companions(config.forget).items()}
 
 
 def _checked_inputs(config) -> tuple[dict, object]:

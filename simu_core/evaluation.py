@@ -72,6 +72,11 @@ def curve_companions(forget_spec: str) -> dict[str, str]:
     return {name: spec for name, spec in builtin_companions(forget_spec).items() if name not in skip}
 
 
+def curve_sets(forget_spec: str, root: str | Path | None = None) -> dict[str, qa.QADataset]:
+    """`curve_companions` loaded: the extra sets `unlearn.unlearn(..., curve_sets=...)` scores."""
+    return {name: qa.load_data(spec, root=root) for name, spec in curve_companions(forget_spec).items()}
+
+
 def default_reference(model_spec: str, forget_spec: str) -> str | None:
     """The retain reference for a built-in model on a built-in forget split (builtin:retainXX), else None.
 

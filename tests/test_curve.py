@@ -58,3 +58,12 @@ def test_the_figure_has_one_panel_per_kept_set_and_one_line_per_run(tmp_path):
     assert len(fig.layout.shapes) == 2  # the reference line once per panel
     assert {t.text for t in fig.layout.annotations if t.text} >= {"retain exact match", "world facts exact match"}
     assert write_figures(tmp_path / "new" / "curves.html", [fig], "curves").is_file()  # folders made as needed
+
+
+def test_the_extra_curve_sets_are_what_each_built_in_benchmark_keeps_besides_retain():
+    from simu_core.evaluation import curve_companions
+
+    assert curve_companions("builtin:forget05") == {"world_facts": "builtin:world_facts"}
+    assert curve_companions("builtin:smollm2/forget") == {"neighbour": "builtin:smollm2/neighbour",
+                                                          "general": "builtin:smollm2/general"}  # fmt: skip
+    assert curve_companions("my_forget.jsonl") == {}
