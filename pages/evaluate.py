@@ -137,10 +137,10 @@ with st.expander("Relearning attack: forgotten, or only hidden?", expanded=job_b
         )
 
 # --------------------------------------------------------------------------- trade-off curve (no evaluation needed)
-with_curves = [n for n in names if curve_points(read_history(by_name[n].path))]
-with st.expander("Trade-off curve: what the run keeps against what it still knows", expanded=name in with_curves):
-    others = st.multiselect("Overlay other runs", [n for n in with_curves if n != name], key="ev_curve_runs")
-    curves = {n: points for n in [name, *others] if (points := curve_points(read_history(by_name[n].path)))}
+recorded = {n: points for n in names if (points := curve_points(read_history(by_name[n].path)))}  # read once
+with st.expander("Trade-off curve: what the run keeps against what it still knows", expanded=name in recorded):
+    others = st.multiselect("Overlay other runs", [n for n in recorded if n != name], key="ev_curve_runs")
+    curves = {n: recorded[n] for n in [name, *others] if n in recorded}
     if curves:
         chart(tradeoff_figure(curves), key="ev_tradeoff")
         st.caption(
