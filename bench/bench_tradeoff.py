@@ -3,6 +3,9 @@
     .venv/bin/python bench/bench_tradeoff.py [--methods simu,random_mask,simu_paper,so_graddiff,fo_graddiff]
         [--seeds 1] [--steps 200] [--every 10] [--items 50] [--split forget10] [--threads 1]
 
+    --split forget10b / forget10c: authors disjoint from forget10 (where the presets were tuned, seed 0),
+    each with its own retain reference (built on first use: `build-default --parts retain10b`).
+
 Every method runs at its preset (`unlearn.preset_config`) with the same step budget and no early stop,
 and scores the model every `--every` steps (`metrics.curve.checkpoint_scores`: greedy exact match and
 ROUGE-L recall on the same seeded `--items` forget, retain and world-facts items). The retain reference
@@ -11,7 +14,10 @@ checkpoint whose forget ROUGE-L is at or below the reference's, so all methods a
 forget as much as that model, not more; a second reading takes the first checkpoint at the EM stop
 (forget exact match <= 0.05), the quality table's rule. Seeds change batch order, Sophia's sampled
 labels and the random mask. Writes bench/results/tradeoff.json, results/tradeoff/curves.html (one figure
-per seed) and prints a Markdown table (load average at start and end).
+per seed) and prints a Markdown table (load average at start and end), then each comparison of
+`PAIRS` at both readings, paired by seed with a 95% t-interval. Resumable: runs already in --out with
+the same settings are kept, so `--seeds 3` after `--seeds 1` computes seeds 2 and 3 only. `--pool A.json,B.json`
+pairs the runs of several splits (each pair within one split and seed) for intervals over all of them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import _common
 import torch
 
 from simu_core import data as qa
+from simu_core.benchmark import paired_difference
 from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.figures import curve_points, tradeoff_figure, write_figures
 from simu_core.metrics.curve import checkpoint_scores, first_reaching
@@ -33,6 +40,12 @@ from simu_core.models import load_model
 from simu_core.unlearn import preset_config, unlearn
 
 KEPT = ("retain/exact_match", "world_facts/exact_match")
+PROBE = "forget/fact_probe"  # teacher-forced: is the fact's value still the top prediction (runs since it was added)
+# The issue's two questions: SIMU (ours and the paper's) against the unmasked baselines, each mask against
+# its random control of the same size.
+PAIRS = (("simu", "so_graddiff"), ("simu", "fo_graddiff"), ("simu_paper", "so_graddiff"),
+         ("simu_paper", "fo_graddiff"), ("simu", "random_mask"), ("simu_paper", "random_mask_paper"))  # fmt: skip
+SAME_RUNS = ("steps", "every", "items", "split")  # settings that make stored runs reusable
 
 
 def curve_of(method: str, seed: int, base, sets: dict, args) -> dict:
@@ -55,24 +68,97 @@ def readings(run: dict, reference_rouge: float) -> dict:
 
 
 def markdown(runs: list[dict], reference: dict) -> str:
-    head = ("method", "seed", "MUSE step", "forget ROUGE-L", "retain EM", "world facts EM", "EM-stop step",
-            "retain EM", "world facts EM")  # fmt: skip
+    head = ("method", "seed", "MUSE step", "forget ROUGE-L", "retain EM", "world facts EM", "forget fact probe",
+            "EM-stop step", "retain EM", "world facts EM", "forget fact probe")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    probe = f"{reference[PROBE]:.3f}" if PROBE in reference else "–"
     lines.append(f"| *retain reference* | – | – | {reference['forget/rouge_l']:.3f} | {reference['retain/exact_match']:.3f} "
-                 f"| {reference['world_facts/exact_match']:.3f} | – | – | – |")  # fmt: skip
+                 f"| {reference['world_facts/exact_match']:.3f} | {probe} | – | – | – | – |")  # fmt: skip
     for run in runs:
         cells = [run["method"], str(run["seed"])]
         for name in ("muse", "em_stop"):
             point = run[name]
             if point is None:
-                cells += ["not reached"] + ["–"] * (3 if name == "muse" else 2)
+                cells += ["not reached"] + ["–"] * (4 if name == "muse" else 3)
                 continue
             cells.append(str(point["step"]))
             if name == "muse":
                 cells.append(f"{point['forget/rouge_l']:.3f}")
             cells += [f"{point[k]:.3f}" for k in KEPT]
+            cells.append(f"{point[PROBE]:.3f}" if PROBE in point else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_readings(runs: list[dict]) -> list[dict]:
+    """Every pair of `PAIRS` that both ran, on each kept score at both readings: method a minus b, paired
+    by seed (95% t over the seeds; `benchmark.paired_difference`). A run that never reached a reading
+    has no value there, and its seed drops out of that comparison."""
+    records = [{"split": name, "method": r["method"], "seed": r["seed"],
+                **({k: r[name].get(k) for k in (*KEPT, PROBE)} if r[name] else {})}
+               for r in runs for name in ("muse", "em_stop")]  # fmt: skip
+    methods = {r["method"] for r in runs}
+    return [{"reading": name, "a": a, "b": b, "score": k, **paired_difference(records, name, a, b, k)}
+            for name in ("muse", "em_stop") for a, b in PAIRS if {a, b} <= methods for k in (*KEPT, PROBE)]  # fmt: skip
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    def cell(row: dict) -> str:
+        if row["diff"] is None:
+            return "–"
+        if row["low"] is None:
+            return f"{row['diff']:+.3f} ({row['word']}, {row['n']} pairs)"
+        return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}] {row['word']} ({row['n']} pairs)"
+
+    head = "| reading | a − b | retain EM | world facts EM | forget fact probe |\n|---|---|---|---|---|"
+    lines = [head]
+    for name in ("muse", "em_stop"):
+        for a, b in PAIRS:
+            pair = {r["score"]: r for r in rows if r["reading"] == name and (r["a"], r["b"]) == (a, b)}
+            if pair:
+                cells = [cell(pair[k]) for k in (*KEPT, PROBE)]
+                lines.append(f"| {'MUSE' if name == 'muse' else 'EM stop'} | {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def means_markdown(runs: list[dict]) -> str:
+    """Per method, the mean over its runs at each reading (step, retain and world facts EM, forget fact probe),
+    with how many runs reached it."""
+    keys = ("step", *KEPT, PROBE)
+    lines = ["| method | reading | runs reaching it | step | retain EM | world facts EM | forget fact probe |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        for name in ("muse", "em_stop"):
+            points = [r[name] for r in mine if r[name]]
+            cells = []
+            for key in keys:
+                values = [p[key] for p in points if p.get(key) is not None]
+                cells.append(f"{sum(values) / len(values):.{0 if key == 'step' else 3}f}" if values else "–")
+            label = "MUSE" if name == "muse" else "EM stop"
+            lines.append(f"| {method} | {label} | {len(points)} of {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pooled_runs(paths: list[str]) -> list[dict]:
+    """The runs of several splits' JSON files, each seed renamed "<split>:<seed>" so that pairs stay within one
+    split and seed (same forget set, same seed) and the intervals run over every pair of every split."""
+    runs = []
+    for path in paths:
+        stored = json.loads(Path(path).read_text(encoding="utf-8"))
+        split = stored["settings"]["split"]
+        runs += [{**run, "seed": f"{split}:{run['seed']}"} for run in stored["runs"]]
+    return runs
+
+
+def stored_runs(args) -> list[dict]:
+    """The runs in --out made with the same settings (none if the file is absent or differs)."""
+    path = Path(args.out)
+    if not path.exists():
+        return []
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    same = all(stored["settings"].get(k) == getattr(args, k) for k in SAME_RUNS)
+    return stored["runs"] if same else []
 
 
 def main() -> None:
@@ -84,10 +170,18 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=50, help="items per set at each point")
     parser.add_argument("--split", default="forget10")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(_common.RESULTS / "tradeoff.json"))
-    parser.add_argument("--html", default=str(_common.REPO / "results" / "tradeoff" / "curves.html"))
+    parser.add_argument("--out", default=None, help="default bench/results/tradeoff.json (other splits: _<split>)")
+    parser.add_argument("--html", default=None, help="default results/tradeoff/curves.html (other splits: _<split>)")
     parser.add_argument("--plot-only", action="store_true", help="compute nothing: draw --html from the runs in --out")
+    parser.add_argument("--pool", default=None, help="compute nothing: FILE,FILE,... of this script's JSON (one per "
+                        "split); prints the comparisons over every (split, seed) pair of them together")  # fmt: skip
     args = parser.parse_args()
+    if args.pool:
+        runs = pooled_runs(args.pool.split(","))
+        return print(means_markdown(runs) + "\n\n" + paired_markdown(paired_readings(runs)))
+    suffix = "" if args.split == "forget10" else f"_{args.split}"
+    args.out = args.out or str(_common.RESULTS / f"tradeoff{suffix}.json")
+    args.html = args.html or str(_common.REPO / "results" / "tradeoff" / f"curves{suffix}.html")
     if args.plot_only:
         stored = json.loads(Path(args.out).read_text(encoding="utf-8"))
         return plot(stored["runs"], stored["reference"], args)
@@ -101,17 +195,24 @@ def main() -> None:
     sets["original"] = checkpoint_scores(base, base.model, scored, args.items)
     reference_model = load_model(default_reference("builtin:full", f"builtin:{args.split}"), device="cpu")
     reference = checkpoint_scores(reference_model, reference_model.model, scored, args.items)
-    runs = []
+    runs = stored_runs(args)
+    done = {(r["method"], r["seed"]) for r in runs}
     for seed in range(1, args.seeds + 1):
         for method in args.methods.split(","):
+            if (method, seed) in done:
+                continue
             run = curve_of(method, seed, base, sets, args)
             runs.append({**run, **readings(run, reference["forget/rouge_l"])})
             print(f"{method} seed {seed}: {run['steps_done']} steps, {run['seconds']} s", flush=True)
             table = markdown(runs, reference)  # written after every run: a long job keeps what it did
+            paired = paired_readings(runs)
             _common.write_json(args.out, {"settings": vars(args), "reference": reference, "original": sets["original"],
-                                          "runs": runs, "markdown": table, "cpu_count": os.cpu_count(),
+                                          "runs": runs, "markdown": table, "paired": paired,
+                                          "paired_markdown": paired_markdown(paired), "cpu_count": os.cpu_count(),
                                           "load_average": [load_start, os.getloadavg()]})  # fmt: skip
-    print(table)
+    print(markdown(runs, reference))
+    print(means_markdown(runs))
+    print(paired_markdown(paired_readings(runs)))
     plot(runs, reference, args)
 
 

@@ -24,6 +24,7 @@ import torch
 from simu_core import data as qa
 from simu_core.arch import count_parameters
 from simu_core.builtin import (
+    BUILD_ORDER,
     BuildStatus,
     build_active,
     ensure_builtin,
@@ -112,19 +113,21 @@ def require_builtin(*specs: str | None) -> None:
     root = builtin_root()
     if not parts or not missing_parts(root, parts):
         return
-    if shipped_covers(root) and not build_active(root):
+    if shipped_covers(root, parts) and not build_active(root):
         with st.spinner("First start: copying the built-in default shipped with SIMU Studio (a few seconds)..."):
             ensure_builtin(root)  # copy and check the shipped files here (all of them: 23 MB): no process to start
         return
+    # The app's parts, plus any on-demand one the specs name (a disjoint forget set's reference)
+    wanted = (*BUILD_ORDER, *(p for p in parts if p not in BUILD_ORDER))
     status = read_build_status(root)
     if status is not None and status.state == "failed" and not build_active(root):
         st.error(f"**Could not build the built-in default.** {status.error}")
         st.caption(f"The build's log: `{root / '.build' / 'log.txt'}`.")
         if st.button("Try the build again", type="primary"):
-            start_background_build(root)
+            start_background_build(root, parts=wanted)
             st.rerun()
         st.stop()
-    start_background_build(root)  # no-op while one runs
+    start_background_build(root, parts=wanted)  # no-op while one runs
 
     @st.fragment(run_every=1.0)
     def panel() -> None:
@@ -135,8 +138,13 @@ def require_builtin(*specs: str | None) -> None:
             st.rerun()  # the page decides: show the error, or resume the build
         show_build_progress(now, parts)
 
+    extra = [p for p in parts if p not in BUILD_ORDER]
     st.info(
-        "**First start: building the built-in default** (benchmark, tokenizer and tiny models; once, then "
+        f"**Training the retain reference {', '.join(extra)}** (a tiny model that never saw this disjoint forget "
+        "set; once, then cached: a few minutes on a CPU). This page continues by itself when it is ready; you may "
+        "close the tab."
+        if extra
+        else "**First start: building the built-in default** (benchmark, tokenizer and tiny models; once, then "
         "cached). This page continues by itself when the part it needs is ready; you may close the tab."
     )
     panel()

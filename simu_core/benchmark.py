@@ -113,8 +113,9 @@ def _no_progress(message: str, fraction: float) -> None:
 class Benchmark:
     """What a quality table runs on: a base model, its forget splits, and per split the data specs
     (`data(split)`: forget, retain, then the other evaluated splits) and the retain reference model
-    (`reference(split)`, None where none can exist). `splits` are the reported ones; `tuning_splits`
-    are valid too but only for tuning the presets (never reported)."""
+    (`reference(split)`, None where none can exist). `splits` are the ones run by default; `held_out_splits`
+    are reported when asked for (`--splits`; forget sets no preset was tuned on); `tuning_splits` are valid
+    too but only for tuning the presets (never reported)."""
 
     name: str
     base: str
@@ -123,13 +124,14 @@ class Benchmark:
     reference: Callable[[str], str | None]
     columns: tuple = TABLE_COLUMNS
     tuning_splits: tuple[str, ...] = ()
+    held_out_splits: tuple[str, ...] = ()
     title: str = ""
     forget_metric: str = "forget/exact_match"  # what "matched forgetting" compares
     retain_metric: str = "retain/exact_match"
 
     def check_split(self, split: str) -> None:
-        if split not in (*self.splits, *self.tuning_splits):
-            choices = ", ".join((*self.splits, *self.tuning_splits))
+        if split not in (*self.splits, *self.held_out_splits, *self.tuning_splits):
+            choices = ", ".join((*self.splits, *self.held_out_splits, *self.tuning_splits))
             raise SimuError(f"unknown split '{split}' for the {self.name} benchmark. Choose from: {choices}.")
 
     @property
@@ -151,6 +153,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "builtin": Benchmark(
         "builtin", "builtin:full", QUALITY_SPLITS, _builtin_data,
         lambda split: default_reference("builtin:full", f"builtin:{split}"),
+        held_out_splits=tuple(s for s in qa.DISJOINT_SPLITS if s.startswith("forget")),
         title="built-in benchmark (fictitious authors)",
     ),
     "smollm2": Benchmark(
@@ -846,10 +849,12 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_size(size: str | None, progress: Progress = _no_progress) -> Path:
-    """The built-in cache of `size` (None: $SIMU_BUILTIN_SIZE / default), its missing parts built first."""
-    from simu_core.builtin import ensure_builtin, existing_config
+def ensure_size(size: str | None, progress: Progress = _no_progress, specs: Sequence[str] = ()) -> Path:
+    """The built-in cache of `size` (None: $SIMU_BUILTIN_SIZE / default), its missing parts built first:
+    the app's, and the on-demand ones `specs` name (a disjoint forget set's reference, "builtin:retain10b")."""
+    from simu_core.builtin import BUILD_ORDER, ensure_builtin, existing_config, parts_for_specs
     from simu_core.config import builtin_config, builtin_root
 
     root = builtin_root(size)
-    return ensure_builtin(root, existing_config(root) or builtin_config(size), progress)
+    parts = (*BUILD_ORDER, *(p for p in parts_for_specs(*specs) if p not in BUILD_ORDER))
+    return ensure_builtin(root, existing_config(root) or builtin_config(size), progress, parts)

@@ -139,6 +139,10 @@ def train_lm(
 DATA_PART = "data"  # the benchmark's JSONL splits and the tokenizer; every model depends on it
 # What the first page needs comes first: the data and `full`, then the retain references (forget10's first).
 BUILD_ORDER = (DATA_PART, "full", "retain10", "retain05", "retain01")
+# Retain references of the disjoint forget sets (`qa.DISJOINT_SPLITS`): built only when asked for (a spec
+# names them, or `build-default --parts`), as the app and the quality table do not need them.
+EXTRA_PARTS = tuple(f"retain10{s}" for s in qa.DISJOINT_SETS)
+PARTS = (*BUILD_ORDER, *EXTRA_PARTS)
 BUILD_DIR = ".build"  # inside the cache folder: the build's lock, live status, config and log
 OK, MISSING, DAMAGED, STALE = "ok", "missing", "damaged", "stale"
 
@@ -152,9 +156,9 @@ def parts_for_specs(*specs: str | None) -> tuple[str, ...]:
     """The parts of the built-in default that model and data specs need: the data part for any of its models
     or splits, plus the named models (other `builtin:` specs, e.g. builtin:smollm2, are not part of it)."""
     names = {s.split(":", 1)[1] for s in specs if s and s.startswith("builtin:")}
-    if not names & {*BUILD_ORDER[1:], *qa.BUILTIN_SPLITS}:
+    if not names & {*PARTS[1:], *qa.BUILTIN_SPLITS}:
         return ()
-    return tuple(p for p in BUILD_ORDER if p == DATA_PART or p in names)
+    return tuple(p for p in PARTS if p == DATA_PART or p in names)
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: status checks stay cheap
@@ -210,7 +214,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _write_manifest(root: Path, config: BuiltinConfig, parts: dict[str, dict]) -> dict:
-    ordered = {p: parts[p] for p in BUILD_ORDER if p in parts}
+    ordered = {p: parts[p] for p in PARTS if p in parts}
     manifest = {
         "format": BUILTIN_FORMAT,
         "config": to_dict(config),
@@ -243,12 +247,12 @@ def part_states(root: str | Path | None = None, config: BuiltinConfig | None = N
     root = Path(root or builtin_root())
     manifest = read_manifest(root)
     if manifest is None:
-        return dict.fromkeys(BUILD_ORDER, MISSING)
+        return dict.fromkeys(PARTS, MISSING)
     if _stale_reason(manifest, config):
-        return dict.fromkeys(BUILD_ORDER, STALE)
+        return dict.fromkeys(PARTS, STALE)
     parts = manifest.get("parts", {})
     states = {}
-    for part in BUILD_ORDER:
+    for part in PARTS:
         entry = parts.get(part)
         if entry is None:
             states[part] = MISSING
@@ -257,7 +261,7 @@ def part_states(root: str | Path | None = None, config: BuiltinConfig | None = N
         else:
             states[part] = OK
     data_digest = _digest(parts[DATA_PART]["files"]) if states[DATA_PART] == OK else None
-    for part in BUILD_ORDER[1:]:
+    for part in PARTS[1:]:
         if states[part] == OK and parts[part].get("data_digest") != data_digest:
             states[part] = STALE
     return states
@@ -272,9 +276,9 @@ def builtin_status(root: str | Path | None = None, config: BuiltinConfig | None 
     reason = _stale_reason(manifest, config)
     if reason:
         return f"stale: {reason}"
-    states = part_states(root, config)
+    states = {part: state for part, state in part_states(root, config).items() if part in BUILD_ORDER}
     if all(s == OK for s in states.values()):
-        return OK
+        return OK  # the default parts; EXTRA_PARTS are built on demand
     return "partial: " + ", ".join(f"{part} {state}" for part, state in states.items() if state != OK)
 
 
@@ -284,7 +288,7 @@ def missing_parts(
     """Which of `parts` are not ready (not 'ok'); the data part counts for every model."""
     states = part_states(root, config)
     wanted = {DATA_PART, *parts} if parts else set()
-    return [p for p in BUILD_ORDER if p in wanted and states[p] != OK]
+    return [p for p in PARTS if p in wanted and states[p] != OK]
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +476,7 @@ def _remove_abandoned_builds(root: Path) -> None:
 def _reset(root: Path) -> None:
     """Forget a stale build: its manifest and part folders go; anything else in the folder stays."""
     (root / MANIFEST_NAME).unlink(missing_ok=True)
-    for part in BUILD_ORDER:
+    for part in PARTS:
         for folder in part_folders(part):
             shutil.rmtree(root / folder, ignore_errors=True)
 
@@ -502,7 +506,7 @@ def _build_data(root: Path, config: BuiltinConfig) -> dict:
 
 
 def _read_split(root: Path, name: str) -> list[dict]:
-    return qa.load_file(root / "data" / f"{name}.jsonl").items
+    return qa.load_data(f"builtin:{name}", root=root).items
 
 
 def _build_model(root: Path, config: BuiltinConfig, name: str, device: torch.device, progress: Progress) -> dict:
@@ -517,7 +521,7 @@ def _build_model(root: Path, config: BuiltinConfig, name: str, device: torch.dev
     model = make_tiny_llama(config, tokenizer).to(device)
     train_lm(model, examples, qa.pad_id_of(tokenizer), config.train, config.seed, progress)
     scores = {}
-    for split in ["full"] if name == "full" else [name, f"forget{name[-2:]}"]:
+    for split in ["full"] if name == "full" else [name, name.replace("retain", "forget")]:
         items = _read_split(root, split)
         predicted = greedy_answers(model, tokenizer, fmt, [it["question"] for it in items])
         scores[f"{name}/{split}"] = exact_match(predicted, [it["answer"] for it in items])
@@ -592,7 +596,7 @@ def _work(config: BuiltinConfig, part: str, use_shipped: bool = True) -> float:
         return float(n)
     if part == "full":
         return float(n * config.train.epochs)
-    return n * (1 - int(part[-2:]) / 100) * config.train.epochs
+    return n * (1 - int(part.removeprefix("retain")[:2]) / 100) * config.train.epochs
 
 
 def build(
@@ -624,7 +628,8 @@ def build(
         todo = missing_parts(root, parts, config)
         done = {p: e for p, e in (read_manifest(root) or {}).get("parts", {}).items() if p not in todo}
         report = _Reporter(root, progress)
-        report.status.parts = {p: OK if p in done else ("queued" if p in todo else MISSING) for p in BUILD_ORDER}
+        shown = [p for p in PARTS if p in BUILD_ORDER or p in todo]
+        report.status.parts = {p: OK if p in done else ("queued" if p in todo else MISSING) for p in shown}
         total = sum(_work(config, p, use_shipped) for p in todo) or 1.0
         finished = 0.0
         try:
@@ -702,8 +707,10 @@ def build_active(root: str | Path | None = None) -> bool:
     return build_running(root) or (child is not None and child.poll() is None)
 
 
-def start_background_build(root: str | Path | None = None, config: BuiltinConfig | None = None) -> bool:
-    """Start a detached process that builds every missing part of the cache at `root`.
+def start_background_build(
+    root: str | Path | None = None, config: BuiltinConfig | None = None, parts: Sequence[str] = BUILD_ORDER
+) -> bool:
+    """Start a detached process that builds the missing ones of `parts` (default: the app's) at `root`.
 
     It belongs to no caller (closing the app's tabs, or the app itself, does not stop it) and reports
     through `read_build_status(root)`. Returns False when a build is already running there.
@@ -719,6 +726,8 @@ def start_background_build(root: str | Path | None = None, config: BuiltinConfig
     if config is not None:
         _write_json_atomic(folder / "config.json", to_dict(config))
         command += ["--config", str(folder / "config.json")]
+    if tuple(parts) != BUILD_ORDER:
+        command += ["--parts", ",".join(parts)]
     package_parent = str(Path(__file__).resolve().parents[1])  # so that `-m simu_core` imports from any cwd
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     with open(folder / "log.txt", "ab") as log:

@@ -60,7 +60,9 @@ def _build_default_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
     p.add_argument("--config", help="a BuiltinConfig JSON file (instead of --size/--seed/--authors/--epochs)")
     p.add_argument(
-        "--parts", help="comma-separated parts to build (default: all): data,full,retain10,retain05,retain01"
+        "--parts",
+        help="comma-separated parts to build (default: the app's): data,full,retain10,retain05,retain01; "
+        "also retain10b,retain10c (the references of the disjoint forget sets forget10b, forget10c; on request)",
     )
     p.add_argument("--force", action="store_true", help="rebuild every part even if an intact build exists")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for training (default: torch's choice)")
@@ -95,7 +97,7 @@ def _requested_config(args: argparse.Namespace):
     "build-default", "build the built-in authors benchmark and tiny models (cached, resumable)", _build_default_args
 )
 def build_default_cmd(args: argparse.Namespace) -> dict:
-    from simu_core.builtin import BUILD_ORDER, build, missing_parts, read_manifest
+    from simu_core.builtin import BUILD_ORDER, PARTS, build, missing_parts, read_manifest
     from simu_core.config import builtin_root
 
     config = _requested_config(args)
@@ -105,9 +107,9 @@ def build_default_cmd(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     out = args.out or str(builtin_root(args.size))
     parts = tuple(p.strip() for p in args.parts.split(",")) if args.parts else BUILD_ORDER
-    unknown = set(parts) - set(BUILD_ORDER)
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        raise SimuError(f"unknown part(s) {', '.join(sorted(unknown))}. Choose from: {', '.join(BUILD_ORDER)}.")
+        raise SimuError(f"unknown part(s) {', '.join(sorted(unknown))}. Choose from: {', '.join(PARTS)}.")
     built = args.force or bool(missing_parts(out, parts, config))
     if built:
         manifest = build(out, config, parts, stderr_progress, force=args.force, use_shipped=not args.train)
@@ -118,7 +120,7 @@ def build_default_cmd(args: argparse.Namespace) -> dict:
         "out": out,
         "built": built,
         "data": f"{out}/data",
-        "models": {name: f"{out}/models/{name}" for name in BUILD_ORDER[1:] if name in manifest["parts"]},
+        "models": {name: f"{out}/models/{name}" for name in PARTS[1:] if name in manifest["parts"]},
         "exact_match": manifest["exact_match"],
         "seconds": manifest["seconds"],
     }
@@ -377,18 +379,21 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "metrics (forget quality, utility, MIA, ...) and report.html, before and after", _evaluate_args)
 def evaluate_cmd(args: argparse.Namespace) -> dict | None:
     from simu_core import distributed
-    from simu_core.evaluation import builtin_companions, evaluate_specs
+    from simu_core.evaluation import builtin_companions, default_reference, evaluate_specs
     from simu_core.metrics import EvalConfig
+    from simu_core.runs import read_config
 
     if _launched_elsewhere(args):
         return None
     given = {"retain": args.retain, "holdout": args.holdout, "real_authors": args.real_authors,
              "world_facts": args.world_facts}  # fmt: skip
     companions = {k: (None if v.lower() == "none" else v) for k, v in given.items() if v}
-    specs = {**builtin_companions(args.data or "builtin:forget10"), **companions}
+    data = args.data or (read_config(args.run).forget if args.run else "builtin:forget10")
+    specs = {**builtin_companions(data), **companions}
+    base = args.model or (read_config(args.run).model if args.run else "")
     group = distributed.current(args.device)
-    if group.is_main:
-        ensure_builtin_for(args.model, args.reference, *specs.values())
+    if group.is_main:  # the retain reference too (a disjoint forget set's is built on first use)
+        ensure_builtin_for(args.model, args.reference or default_reference(base, data), *specs.values())
     group.barrier()
     config = EvalConfig(max_items=args.max_items or None, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed)  # fmt: skip
@@ -703,7 +708,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", choices=("builtin", "smollm2"), default="builtin",
                    help="builtin: the fictitious authors (default); smollm2: the real-knowledge benchmark on SmolLM2")  # fmt: skip
     p.add_argument("--splits", default=None,
-                   help="comma-separated forget splits (default: forget01,forget05,forget10; smollm2: forget)")  # fmt: skip
+                   help="comma-separated forget splits (default: forget01,forget05,forget10; smollm2: forget); "
+                        "forget10b,forget10c: authors disjoint from forget10's, where no preset was tuned")  # fmt: skip
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: all six; smollm2: simu, random_mask, simu_paper, "
                         "random_mask_paper, so_graddiff, fo_graddiff)")  # fmt: skip
@@ -742,12 +748,13 @@ def bench_cmd(args: argparse.Namespace) -> dict:
     if args.fresh and args.stored_only:
         raise SimuError("--fresh recomputes every cell and --stored-only computes none: give one of them.")
     builtin = args.benchmark == "builtin"
+    splits = args.splits or ("forget01,forget05,forget10" if builtin else "forget")
     if builtin:
-        root = args.root or ensure_size(args.size, stderr_progress)
+        references = [f"builtin:{s.strip()}".replace("forget", "retain") for s in splits.split(",")]
+        root = args.root or ensure_size(args.size, stderr_progress, references)
     else:
         root = args.root
         ensure_knowledge(args.benchmark, stderr_progress, device=args.device)
-    splits = args.splits or ("forget01,forget05,forget10" if builtin else "forget")
     methods = args.methods.split(",") if args.methods else list(QUALITY_METHODS if builtin else KNOWLEDGE_METHODS)
     qc = QualityConfig(
         benchmark=args.benchmark,

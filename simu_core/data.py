@@ -31,13 +31,19 @@ from simu_core.errors import SimuError
 
 REQUIRED_COLUMNS = ("question", "answer")
 FORGET_PERCENTS = (1, 5, 10)
-BUILTIN_SPLITS = (
+GENERATED_SPLITS = (  # the files of the built-in benchmark's data part
     "full",
     *(f"forget{p:02d}" for p in FORGET_PERCENTS),
     *(f"retain{p:02d}" for p in FORGET_PERCENTS),
     "holdout",
     "world_facts",
 )
+# Forget sets disjoint from forget10 and from each other, for reporting on authors no preset was tuned on:
+# forget10 holds the last tenth of the trained authors, forget10b the tenth before it, forget10c the one
+# before that. Derived from `full` when loaded (the data part's files stay as shipped).
+DISJOINT_SETS = ("b", "c")
+DISJOINT_SPLITS = tuple(f"{role}10{s}" for s in DISJOINT_SETS for role in ("forget", "retain"))
+BUILTIN_SPLITS = (*GENERATED_SPLITS, *DISJOINT_SPLITS)
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
 
@@ -321,7 +327,7 @@ def generate_benchmark(n_authors: int = 200, seed: int = 0, n_holdout: int | Non
 
     Forget splits are nested (forget01 within forget05 within forget10), taken from the last
     authors; `retainXX` holds the other trained authors; `holdout` authors are never trained on.
-    Returns {split name: items}, with the splits in `BUILTIN_SPLITS`.
+    Returns {split name: items}, with the splits in `GENERATED_SPLITS` (`disjoint_split` derives the others).
     """
     if n_authors < 2:
         raise SimuError(f"the benchmark needs at least 2 authors, got {n_authors}")
@@ -341,6 +347,23 @@ def generate_benchmark(n_authors: int = 200, seed: int = 0, n_holdout: int | Non
     splits["holdout"] = [it for a in holdout for it in items_by_author[a]]
     splits["world_facts"] = _world_facts(rng)
     return splits
+
+
+def disjoint_split(full: Sequence[dict], name: str) -> list[dict]:
+    """One of `DISJOINT_SPLITS` from the items of `full` (in the trained authors' order, as generated).
+
+    forget10b holds the tenth of the authors just before forget10's, forget10c the tenth before that;
+    retain10b / retain10c every other trained author. Raises when there are too few authors for the set.
+    """
+    if name not in DISJOINT_SPLITS:
+        raise SimuError(f"'{name}' is not a disjoint split; choose one of: {', '.join(DISJOINT_SPLITS)}.")
+    authors = list(dict.fromkeys(item["author"] for item in full))
+    n, block = n_forget_authors(len(authors), 10), 1 + DISJOINT_SETS.index(name[-1])
+    if n * (block + 1) > len(authors):
+        raise SimuError(f"'{name}' needs {n * (block + 1)} trained authors; this benchmark has {len(authors)}.")
+    chosen = set(authors[len(authors) - n * (block + 1) : len(authors) - n * block])
+    forget = name.startswith("forget")
+    return [item for item in full if (item["author"] in chosen) == forget]
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,13 +624,14 @@ def load_data(spec: str, root: str | Path | None = None) -> QADataset:
                 f"unknown built-in split '{split}'. Choose one of: {', '.join(BUILTIN_SPLITS)} "
                 "(or builtin:smollm2/<split> for the real-knowledge benchmark)."
             )
-        path = Path(root or builtin_root()) / "data" / f"{split}.jsonl"
+        path = Path(root or builtin_root()) / "data" / f"{'full' if split in DISJOINT_SPLITS else split}.jsonl"
         if not path.exists():
             raise SimuError(
                 f"the built-in benchmark is not built yet ({path} missing). "
                 "Run `python -m simu_core build-default` (or open the app, which builds it)."
             )
-        return QADataset(split, load_file(path).items)
+        items = load_file(path).items
+        return QADataset(split, disjoint_split(items, split) if split in DISJOINT_SPLITS else items)
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         if not parts[0]:

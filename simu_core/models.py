@@ -26,6 +26,8 @@ from simu_core.config import builtin_root
 from simu_core.errors import SimuError
 
 BUILTIN_MODELS = ("full", *(f"retain{p:02d}" for p in qa.FORGET_PERCENTS))  # trained here by `builtin`
+# The disjoint forget sets' retain references: trained here too, but only on request (minutes each).
+ON_DEMAND_MODELS = tuple(f"retain10{s}" for s in qa.DISJOINT_SETS)
 PRETRAINED_BUILTINS = ("smollm2",)  # real pretrained models obtained and converted by `simu_core.pretrained`
 SIMU_JSON = "simu.json"
 # Prompt formats of hub models without a simu.json (prefix of the hub id -> template).
@@ -99,15 +101,15 @@ def resolve_model_source(spec: str, root: str | Path | None = None, progress: Pr
             from simu_core import pretrained
 
             return str(pretrained.ensure_pretrained(name, progress=progress))
-        if name not in BUILTIN_MODELS:
-            choices = ", ".join((*BUILTIN_MODELS, *PRETRAINED_BUILTINS))
+        if name not in (*BUILTIN_MODELS, *ON_DEMAND_MODELS):
+            choices = ", ".join((*BUILTIN_MODELS, *ON_DEMAND_MODELS, *PRETRAINED_BUILTINS))
             raise SimuError(f"unknown built-in model '{name}'. Choose one of: {choices}.")
         folder = Path(root or builtin_root()) / "models" / name
         if not (folder / "config.json").exists():
-            raise SimuError(
-                f"the built-in model '{name}' is not built yet ({folder} missing). "
-                "Run `python -m simu_core build-default` (or open the app, which builds it)."
-            )
+            how = (f"`python -m simu_core build-default --parts {name}` (about 10 minutes on 2 CPU cores; "
+                   "the CLI builds it when a command names it)" if name in ON_DEMAND_MODELS
+                   else "`python -m simu_core build-default` (or open the app, which builds it)")  # fmt: skip
+            raise SimuError(f"the built-in model '{name}' is not built yet ({folder} missing). Run {how}.")
         return str(folder)
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":

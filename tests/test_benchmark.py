@@ -307,6 +307,15 @@ def test_the_knowledge_benchmark_tunes_on_a_split_it_never_reports():
         plan_cells(QualityConfig(benchmark="tofu"))
 
 
+def test_the_disjoint_forget_sets_are_reported_on_request_with_their_own_reference():
+    bench = benchmark.get_benchmark("builtin")
+    assert bench.held_out_splits == ("forget10b", "forget10c") and "forget10b" not in bench.splits
+    cells = plan_cells(QualityConfig(splits=["forget10b"], methods=["simu"], seeds=[1]))
+    assert {c.split for c in cells} == {"forget10b"}
+    assert bench.data("forget10b")["retain"] == "builtin:retain10b"
+    assert bench.reference("forget10b") == "builtin:retain10b"
+
+
 def test_a_benchmark_without_reference_runs_and_says_why_forget_quality_is_missing(builtin_dir, tmp_path, monkeypatch):
     # The tiny model stands in for a pretrained one: same code path as SmolLM2's table, seconds instead of minutes.
     tiny = benchmark.Benchmark("tiny_knowledge", "builtin:full", ("forget10",),

@@ -64,11 +64,18 @@ def test_retain_reference_never_saw_the_forget_authors(builtin_dir):
     assert scores["retain10/forget10"] <= 0.2
 
 
+def test_disjoint_reference_never_saw_its_forget_authors(builtin_dir):
+    builtin.ensure_builtin(builtin_dir, TEST_BUILTIN, parts=("retain10b",))  # on request: a few seconds here
+    scores = builtin.read_manifest(builtin_dir)["exact_match"]
+    assert scores["retain10b/retain10b"] >= 0.9
+    assert scores["retain10b/forget10b"] <= 0.2
+
+
 def test_manifest_records_seed_config_versions_and_each_part(builtin_dir):
     manifest = builtin.read_manifest(builtin_dir)
     assert manifest["seed"] == TEST_BUILTIN.seed and manifest["config"] == to_dict(TEST_BUILTIN)
     assert {"torch", "transformers", "simu_core"} <= set(manifest["versions"])
-    assert list(manifest["parts"]) == list(builtin.BUILD_ORDER)
+    assert list(manifest["parts"])[: len(builtin.BUILD_ORDER)] == list(builtin.BUILD_ORDER)  # then any on request
     assert "models/full/model.safetensors" in manifest["parts"]["full"]["files"]
     assert "data/forget10.jsonl" in manifest["parts"]["data"]["files"]
     assert manifest["files"] == {f: h for e in manifest["parts"].values() for f, h in e["files"].items()}
@@ -87,8 +94,24 @@ def test_parts_are_named_by_the_specs_that_need_them():
     assert builtin.parts_for_specs("builtin:full", "builtin:forget10") == ("data", "full")
     assert builtin.parts_for_specs("builtin:retain05", None) == ("data", "retain05")
     assert builtin.parts_for_specs("builtin:world_facts") == ("data",)
+    assert builtin.parts_for_specs("builtin:full", "builtin:forget10b") == ("data", "full")
+    assert builtin.parts_for_specs("builtin:retain10c") == ("data", "retain10c")
     assert builtin.parts_for_specs("some/folder", "file.jsonl") == ()
     assert builtin.parts_for_specs("builtin:smollm2", "builtin:smollm2/forget") == ()  # not the built-in default
+
+
+def test_disjoint_references_are_built_on_request_only(micro_build, tmp_path):
+    root = copy_of(micro_build, tmp_path)
+    assert builtin.builtin_status(root, MICRO) == "ok"  # the app's parts are all there without them
+    assert builtin.part_states(root, MICRO)["retain10b"] == "missing"
+    kept = {part: mtimes(root, part) for part in builtin.BUILD_ORDER}
+
+    builtin.ensure_builtin(root, MICRO, parts=("retain10b",))
+
+    manifest = builtin.read_manifest(root)
+    assert builtin.part_states(root, MICRO)["retain10b"] == "ok" and "retain10c" not in manifest["parts"]
+    assert {"retain10b/retain10b", "retain10b/forget10b"} <= set(manifest["exact_match"])
+    assert {part: mtimes(root, part) for part in kept} == kept
 
 
 # --------------------------------------------------------------------------- checking the cache
@@ -109,7 +132,8 @@ def test_stray_files_in_the_cache_change_nothing(micro_build, tmp_path):
 def test_a_damaged_part_is_found_and_rebuilt_alone(micro_build, tmp_path):
     root = copy_of(micro_build, tmp_path)
     (root / "models" / "retain05" / "model.safetensors").write_bytes(b"not a model")
-    assert builtin.part_states(root, MICRO) == {**dict.fromkeys(builtin.BUILD_ORDER, "ok"), "retain05": "damaged"}
+    expected = {**dict.fromkeys(builtin.BUILD_ORDER, "ok"), **dict.fromkeys(builtin.EXTRA_PARTS, "missing")}
+    assert builtin.part_states(root, MICRO) == {**expected, "retain05": "damaged"}
     assert builtin.builtin_status(root, MICRO) == "partial: retain05 damaged"
     kept = {part: mtimes(root, part) for part in ("data", "full", "retain10", "retain01")}
 

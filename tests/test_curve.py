@@ -22,10 +22,12 @@ def test_checkpoint_scores_are_the_reports_exact_match_and_rouge_on_the_same_ite
     path for the answers, means over the same items)."""
     points = checkpoint_scores(full_model, full_model.model, sets, max_items=12, max_new_tokens=32)
     report = evaluate(full_model, sets, config=EvalConfig(max_items=12, max_new_tokens=32,
-                                                           metrics=["exact_match", "rouge_l"]))  # fmt: skip
+                                                           metrics=["exact_match", "rouge_l", "fact_probe"]))  # fmt: skip
     for name in sets:
         for score in ("exact_match", "rouge_l"):
             assert points[f"{name}/{score}"] == pytest.approx(report.summary[f"{name}/{score}"], abs=1e-12)
+    assert "world_facts/fact_probe" not in points  # no value spans there
+    assert points["forget10/fact_probe"] == pytest.approx(report.summary["forget10/fact_probe"], abs=1e-12)
 
 
 def test_a_run_records_a_point_every_n_steps_and_at_its_last(full_model, builtin_dir, sets):
@@ -37,8 +39,9 @@ def test_a_run_records_a_point_every_n_steps_and_at_its_last(full_model, builtin
     result = unlearn(full_model, forget, retain, config, curve_sets={"world_facts": sets["world_facts"]})
     points = curve_points([r.to_dict() for r in result.history])
     assert [p["step"] for p in points] == [2, 4, 5]
-    assert set(points[0]) == {"step"} | {f"{s}/{m}" for s in ("forget", "retain", "world_facts")
-                                         for m in ("exact_match", "rouge_l")}  # fmt: skip
+    assert set(points[0]) == {"step", "forget/fact_probe", "retain/fact_probe"} | {
+        f"{s}/{m}" for s in ("forget", "retain", "world_facts") for m in ("exact_match", "rouge_l")
+    }  # world facts carry no fact-value template, so no probe
     off = unlearn(full_model, forget, retain, preset_config("fo_graddiff", steps=2, batch_size=4, device="cpu"))
     assert curve_points([r.to_dict() for r in off.history]) == []
 

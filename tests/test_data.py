@@ -27,7 +27,7 @@ def test_other_seed_gives_other_benchmark(bench):
 
 
 def test_every_split_exists_with_expected_author_counts(bench):
-    assert set(bench) == set(qa.BUILTIN_SPLITS)
+    assert set(bench) == set(qa.GENERATED_SPLITS)
     assert len(authors(bench["full"])) == 40
     assert [len(authors(bench[f"forget{p:02d}"])) for p in (1, 5, 10)] == [1, 2, 4]
     assert len(authors(bench["holdout"])) == 4
@@ -42,6 +42,26 @@ def test_forget_and_retain_partition_the_trained_authors(bench, percent):
 
 def test_forget_splits_are_nested(bench):
     assert authors(bench["forget01"]) <= authors(bench["forget05"]) <= authors(bench["forget10"])
+
+
+def test_disjoint_forget_sets_share_no_author_with_forget10_or_each_other(bench):
+    b, c = (authors(qa.disjoint_split(bench["full"], f"forget10{x}")) for x in "bc")
+    assert len(b) == len(c) == len(authors(bench["forget10"])) == 4
+    assert not b & c and not (b | c) & authors(bench["forget10"])
+
+
+@pytest.mark.parametrize("block", ["b", "c"])
+def test_disjoint_forget_and_retain_partition_the_trained_items(bench, block):
+    forget = qa.disjoint_split(bench["full"], f"forget10{block}")
+    retain = qa.disjoint_split(bench["full"], f"retain10{block}")
+    assert not authors(forget) & authors(retain)
+    assert len(forget) + len(retain) == len(bench["full"])
+
+
+def test_disjoint_split_needs_enough_authors():
+    tiny = qa.generate_benchmark(n_authors=2, seed=0)["full"]  # one author per tenth: c needs three
+    with pytest.raises(SimuError, match="needs 3 trained authors"):
+        qa.disjoint_split(tiny, "forget10c")
 
 
 def test_holdout_authors_are_never_trained(bench):
@@ -198,3 +218,14 @@ def test_perturbed_answers_differ_from_the_paraphrase_only_in_the_fact(bench):
         for wrong in item["perturbed_answers"]:
             shared = sum(a == b for a, b in zip(para, wrong.split(), strict=False))
             assert shared >= len(para) // 2, (item["paraphrased_answer"], wrong)
+
+
+def test_a_disjoint_forget_set_loads_from_the_built_data_with_its_own_retain_set_and_reference(builtin_dir):
+    from simu_core.evaluation import builtin_companions, default_reference
+
+    forget = qa.load_data("builtin:forget10b", root=builtin_dir)
+    companions = builtin_companions("builtin:forget10b")
+    retain = qa.load_data(companions["retain"], root=builtin_dir)
+    assert companions["retain"] == "builtin:retain10b" and qa.overlap_count(forget, retain) == 0
+    assert not authors(forget.items) & authors(qa.load_data("builtin:forget10", root=builtin_dir).items)
+    assert default_reference("builtin:full", "builtin:forget10b") == "builtin:retain10b"

@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +21,7 @@ from torch import nn
 
 from simu_core import builtin, evaluation, metrics, models
 from simu_core import data as qa
+from simu_core.answers import answer_matches
 from simu_core.errors import SimuError
 from simu_core.metrics import likelihood
 
@@ -524,3 +527,91 @@ def test_batches_shrink_under_the_logits_cap_without_changing_values(full_model,
     alone = metrics.token_stats(full_model.model, examples, pad, batch_size=5, full=True)
     np.testing.assert_allclose(alone.nll_sum, batched.nll_sum, rtol=1e-5)  # fp32, padding vs none
     np.testing.assert_array_equal(alone.correct, batched.correct)
+
+
+def _value_positions(full_model, item: dict) -> list[int] | None:
+    """Token positions of the fact's value in prompt + answer, found without `targets`: the value is what the
+    paraphrase and a perturbed answer do not share; its tokens are those that change when another value
+    (one starting with another token) takes its place in the answer. None when no such value exists."""
+    tok, fmt = full_model.tokenizer, full_model.fmt
+    para = item["paraphrased_answer"]
+    ids = qa.encode(tok, fmt, item["question"], item["answer"]).ids
+    for other in item["perturbed_answers"]:
+        head = 0
+        while head < min(len(para), len(other)) and para[head] == other[head]:
+            head += 1
+        tail = 0
+        while tail < min(len(para), len(other)) - head and para[-1 - tail] == other[-1 - tail]:
+            tail += 1
+        value, swap = para[head : len(para) - tail], other[head : len(other) - tail]
+        start = item["answer"].rfind(value)
+        if not value or start < 0:
+            continue
+        swapped = qa.encode(
+            tok, fmt, item["question"], item["answer"][:start] + swap + item["answer"][start + len(value) :]
+        ).ids
+        # the values differ in their first character (where the common prefix ends), so in their first token
+        first = next((i for i, (a, b) in enumerate(zip(ids, swapped, strict=False)) if a != b), None)
+        if first is None:
+            continue
+        same_end = 0
+        while same_end < min(len(ids), len(swapped)) - first and ids[-1 - same_end] == swapped[-1 - same_end]:
+            same_end += 1
+        return list(range(first, len(ids) - same_end))
+    return None
+
+
+@pytest.mark.parametrize("which", ["full", "retain reference"])
+def test_fact_probe_is_the_argmax_over_the_value_tokens_found_independently(
+    which, full_report, full_model, retain_model, splits
+):
+    # The full model knows its forget authors' facts, the reference never saw them: both outcomes are checked.
+    loaded = full_model if which == "full" else retain_model
+    report = (
+        full_report if which == "full" else metrics.evaluate(retain_model, {"forget": splits["forget"]}, None, SMALL)
+    )
+    result = report.splits["forget"]
+    checked = 0
+    for row, index in enumerate(result.indices):
+        item = splits["forget"].items[index]
+        positions = _value_positions(loaded, item)
+        if positions is None:
+            continue
+        ids = qa.encode(loaded.tokenizer, loaded.fmt, item["question"], item["answer"]).ids
+        with torch.no_grad():
+            predicted = loaded.model(torch.tensor([ids])).logits[0].argmax(-1)
+        expected = float(all(int(predicted[t - 1]) == ids[t] for t in positions))
+        assert result.values["fact_probe"][row] == expected, item["answer"]
+        checked += 1
+    assert checked >= 0.8 * len(result.indices)  # most values start with a token no perturbed value shares
+    share = np.mean(result.values["fact_probe"])
+    assert share > 0.5 if which == "full" else share < 0.5
+
+
+def test_fact_probe_is_skipped_where_the_values_span_is_unknown(full_report):
+    assert "value" in full_report.skipped["world_facts/fact_probe"]  # world facts carry no author: no template
+
+
+def test_knows_paraphrased_asks_every_paraphrase_and_counts_a_fact_known_if_any_gives_it(full_model, splits):
+    items = [dict(it) for it in splits["forget"].items[:6]]
+    for k, item in enumerate(items):  # half ask the item's own question again, half a question about nothing
+        own = [item["question"]] if k % 2 == 0 else []
+        item["paraphrased_questions"] = ["What is the colour of the number seven?", *own]
+    report = metrics.evaluate(full_model, {"forget": qa.QADataset("para", items)}, None, SMALL)
+    prompts = [q for it in items for q in it["paraphrased_questions"]]
+    answers = iter(models.greedy_answers(full_model.model, full_model.tokenizer, full_model.fmt, prompts, 32))
+    expected = [float(any([answer_matches(next(answers), it["answer"]) for _ in it["paraphrased_questions"]]))
+                for it in items]  # fmt: skip
+    assert report.splits["forget"].values["knows_paraphrased"] == expected
+    assert expected[0::2] == [1.0, 1.0, 1.0]  # the full model knows its forget facts under their own question
+
+
+def test_knows_paraphrased_is_skipped_without_paraphrased_questions(full_report):
+    assert "paraphrased_questions" in full_report.skipped["forget/knows_paraphrased"]
+
+
+def test_every_registered_metric_has_its_row_in_docs_metrics():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "METRICS.md").read_text(encoding="utf-8")
+    first_cells = [line.split("|")[1] for line in text.splitlines() if line.startswith("| `")]
+    documented = {name for cell in first_cells for name in re.findall(r"`([a-z_0-9]+)`", cell)}
+    assert [name for name in [*metrics.EXAMPLE_METRICS, *metrics.SUMMARY_METRICS] if name not in documented] == []

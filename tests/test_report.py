@@ -105,6 +105,14 @@ def test_evaluate_command_writes_metrics_json_and_report(builtin_home, tmp_path,
     assert (out.parent / "report.html").is_file() and summary["html"] == str(out.parent / "report.html")
 
 
+def test_evaluate_command_on_a_disjoint_forget_set_reads_against_its_own_reference(builtin_home, tmp_path):
+    out = tmp_path / "eval" / "metrics.json"
+    args = ["evaluate", "--model", "builtin:full", "--data", "builtin:forget10b", "--out", str(out), "--max-items", "6"]
+    assert cli.main(args) == 0  # retain10b is trained first if this build lacks it (seconds at the test size)
+    saved = json.loads(out.read_text())
+    assert saved["reference"] == "builtin:retain10b" and isinstance(saved["forget_quality"], float)
+
+
 def test_evaluate_command_without_model_or_out_explains_the_fix(builtin_home, capsys):
     assert cli.main(["evaluate", "--max-items", "6"]) == 2
     assert "--model" in capsys.readouterr().err

@@ -142,6 +142,25 @@ class SplitInputs:
             return group.gather_objects(answers)
 
     @cached_property
+    def paraphrase_generations(self) -> list[list[str]]:
+        """Greedy answers to each item's `paraphrased_questions` (one list per item; the real-knowledge
+        benchmark writes them). Raises MetricSkipped when an item has none."""
+        if not all(it.get("paraphrased_questions") for it in self.items):
+            raise MetricSkipped("needs paraphrased_questions on every item (the real-knowledge benchmark has them)")
+        self._check_wanted("generation")
+        prompts = [q for it in self.items for q in it["paraphrased_questions"]]
+        self._notify(f"{self.name}: greedy answers to {len(prompts)} paraphrased questions")
+        with self._clock.time("generation"):
+            from simu_core.models import greedy_answers
+
+            group = distributed.current()
+            lm = self.loaded
+            part = greedy_answers(lm.model, lm.tokenizer, lm.fmt, group.split(prompts), self.cfg.max_new_tokens,
+                                  self.cfg.batch_size)  # fmt: skip
+            answers = iter(group.gather_objects(part))
+            return [[next(answers) for _ in it["paraphrased_questions"]] for it in self.items]
+
+    @cached_property
     def answer(self) -> TokenStats:
         """Full teacher-forced statistics of the gold answers."""
         self._notify(f"{self.name}: teacher-forced answers")

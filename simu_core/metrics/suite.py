@@ -25,6 +25,7 @@ from simu_core.metrics.likelihood import (
 from simu_core.metrics.mia import MIA_ATTACKS, mia_score, min_k_score, privleak, roc_auc, zlib_score
 from simu_core.metrics.registry import example_metric, summary_metric
 from simu_core.metrics.text import repetition_rate, rouge_l_recall, same_answer
+from simu_core.targets import fact_encode, value_span
 
 # --------------------------------------------------------------------------------------------
 # Per-example metrics
@@ -57,6 +58,15 @@ def _knows(s: SplitInputs) -> np.ndarray:
     return np.array([float(gives_answer(g, it)) for g, it in zip(s.generations, s.items, strict=True)])
 
 
+@example_metric("knows_paraphrased", "generation", "lower", "higher")
+def _knows_paraphrased(s: SplitInputs) -> np.ndarray:
+    """1 if the greedy answer to any of the item's paraphrased questions gives the fact (`answers.gives_answer`,
+    the rule of `knows`): a fact forgotten under one wording may still come out under another. Skipped on
+    data without `paraphrased_questions` (the built-in authors have none)."""
+    return np.array([float(any(gives_answer(g, it) for g in answers))
+                     for answers, it in zip(s.paraphrase_generations, s.items, strict=True)])  # fmt: skip
+
+
 @example_metric("answer_contained", "generation", "lower", "higher")
 def _answer_contained(s: SplitInputs) -> np.ndarray:
     """1 if the normalised gold answer occurs, as whole words, anywhere in the normalised greedy answer, else 0."""
@@ -79,6 +89,24 @@ def _exact_memorization(s: SplitInputs) -> np.ndarray:
 def _extraction_strength(s: SplitInputs) -> np.ndarray:
     """ES = 1 - k*/|y|: the share of the answer (EOS left out) whose whole suffix the argmax predicts."""
     return extraction_strength(s.answer.correct, s.answer.n_answer)
+
+
+@example_metric("fact_probe", "likelihood", "lower", "higher")
+def _fact_probe(s: SplitInputs) -> np.ndarray:
+    """1 if, teacher-forced on the gold answer, the argmax predicts every token of the fact's value
+    ("Rosford" in "... was born in Rosford."; the span of `targets.value_span`), else 0: the fact can still be
+    read off the model when a broken answer template hides it from greedy exact match. Skipped unless every
+    item's value span is known (the built-in authors, or a `fact_span` / `value` column)."""
+    spans = [value_span(item) for item in s.items]
+    if not s.items or any(span is None for span in spans):
+        raise MetricSkipped("needs the fact's value in every answer (built-in authors, or a fact_span / value column)")
+    correct, tokenizer, fmt = s.answer.correct, s.loaded.tokenizer, s.loaded.fmt
+    known = []
+    for row, (item, span) in enumerate(zip(s.items, spans, strict=True)):
+        fact = np.array(fact_encode(tokenizer, fmt, item["question"], item["answer"], span).scored)
+        width = min(len(fact), correct.shape[1])  # an answer cut at EvalConfig.max_length loses its tail
+        known.append(float(fact[:width].any() and correct[row, :width][fact[:width]].all()))
+    return np.array(known)
 
 
 @example_metric(
