@@ -33,6 +33,7 @@ import torch
 
 from simu_core import data as qa
 from simu_core.benchmark import paired_difference
+from simu_core.config import parse_settings
 from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.figures import curve_points, tradeoff_figure, write_figures
 from simu_core.metrics.curve import checkpoint_scores, first_reaching
@@ -45,18 +46,21 @@ PROBE = "forget/fact_probe"  # teacher-forced: is the fact's value still the top
 # its random control of the same size.
 PAIRS = (("simu", "so_graddiff"), ("simu", "fo_graddiff"), ("simu_paper", "so_graddiff"),
          ("simu_paper", "fo_graddiff"), ("simu", "random_mask"), ("simu_paper", "random_mask_paper"))  # fmt: skip
-SAME_RUNS = ("steps", "every", "items", "split")  # settings that make stored runs reusable
+SAME_RUNS = ("steps", "every", "items", "split", "set")  # settings that make stored runs reusable
 
 
 def curve_of(method: str, seed: int, base, sets: dict, args) -> dict:
     """One run of `method` with a curve point every `args.every` steps (the original model's point first)."""
-    config = preset_config(method, forget=f"builtin:{args.split}", retain=sets["retain_spec"], seed=seed,
-                           steps=args.steps, curve_every=args.every, curve_items=args.items)  # fmt: skip
+    config = preset_config(method, **{**parse_settings(args.set), "forget": f"builtin:{args.split}", "steps": args.steps,
+                                      "retain": sets["retain_spec"], "seed": seed, "curve_every": args.every,
+                                      "curve_items": args.items})  # fmt: skip
     config.stop_forget_em = None
     start = time.perf_counter()
     result = unlearn(base, sets["forget"], sets["retain"], config, curve_sets={"world_facts": sets["world_facts"]})
     points = [{"step": 0, **sets["original"]}, *curve_points([r.to_dict() for r in result.history])]
+    summary = result.summary()
     return {"method": method, "seed": seed, "status": result.status, "steps_done": len(result.history),
+            "rho": result.config.rho, "unclipped_mean": summary.get("unclipped_mean"),
             "seconds": round(time.perf_counter() - start, 1), "points": points}  # fmt: skip
 
 
@@ -157,7 +161,7 @@ def stored_runs(args) -> list[dict]:
     if not path.exists():
         return []
     stored = json.loads(path.read_text(encoding="utf-8"))
-    same = all(stored["settings"].get(k) == getattr(args, k) for k in SAME_RUNS)
+    same = all(stored["settings"].get(k, []) == getattr(args, k) for k in SAME_RUNS)
     return stored["runs"] if same else []
 
 
@@ -170,6 +174,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=50, help="items per set at each point")
     parser.add_argument("--split", default="forget10")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting on top of every method's preset (e.g. rho_share=0.3); give --out too")  # fmt: skip
     parser.add_argument("--out", default=None, help="default bench/results/tradeoff.json (other splits: _<split>)")
     parser.add_argument("--html", default=None, help="default results/tradeoff/curves.html (other splits: _<split>)")
     parser.add_argument("--plot-only", action="store_true", help="compute nothing: draw --html from the runs in --out")
