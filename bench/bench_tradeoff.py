@@ -1,14 +1,17 @@
 """Trade-off curves on the built-in, and each method at MUSE's matched-forgetting checkpoint (issue 17).
 
     .venv/bin/python bench/bench_tradeoff.py [--methods simu,random_mask,simu_paper,so_graddiff,fo_graddiff]
-        [--seeds 1] [--steps 200] [--every 10] [--items 50] [--split forget10] [--threads 1]
+        [--seeds 1] [--steps 200] [--every 10] [--items 50] [--split forget10] [--threads 1] [--set NAME=VALUE]
+    .venv/bin/python bench/bench_tradeoff.py --pool bench/results/tradeoff_forget10b.json,bench/results/tradeoff_forget10c.json
 
     --split forget10b / forget10c: authors disjoint from forget10 (where the presets were tuned, seed 0),
     each with its own retain reference (built on first use: `build-default --parts retain10b`).
+    --set rho_share=0.3: Sophia calibrated to 30% unclipped coordinates, on top of every preset.
 
 Every method runs at its preset (`unlearn.preset_config`) with the same step budget and no early stop,
 and scores the model every `--every` steps (`metrics.curve.checkpoint_scores`: greedy exact match and
-ROUGE-L recall on the same seeded `--items` forget, retain and world-facts items). The retain reference
+ROUGE-L recall on the same seeded `--items` forget, retain and world-facts items, and the teacher-forced
+fact probe on forget and retain). The retain reference
 model (never trained on the forget authors) gives the target: MUSE's rule reads each run at its first
 checkpoint whose forget ROUGE-L is at or below the reference's, so all methods are compared where they
 forget as much as that model, not more; a second reading takes the first checkpoint at the EM stop
@@ -127,12 +130,14 @@ def paired_markdown(rows: list[dict]) -> str:
 
 def means_markdown(runs: list[dict]) -> str:
     """Per method, the mean over its runs at each reading (step, retain and world facts EM, forget fact probe),
-    with how many runs reached it."""
+    with how many runs reached it, and Sophia's mean unclipped share (runs since it was stored; AdamW: 100%)."""
     keys = ("step", *KEPT, PROBE)
-    lines = ["| method | reading | runs reaching it | step | retain EM | world facts EM | forget fact probe |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | Sophia unclipped | reading | runs reaching it | step | retain EM | world facts EM | "
+             "forget fact probe |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
+        shares = [r["unclipped_mean"] for r in mine if r.get("unclipped_mean") is not None]
+        unclipped = f"{100 * sum(shares) / len(shares):.2f}%" if shares else "–"
         for name in ("muse", "em_stop"):
             points = [r[name] for r in mine if r[name]]
             cells = []
@@ -140,7 +145,9 @@ def means_markdown(runs: list[dict]) -> str:
                 values = [p[key] for p in points if p.get(key) is not None]
                 cells.append(f"{sum(values) / len(values):.{0 if key == 'step' else 3}f}" if values else "–")
             label = "MUSE" if name == "muse" else "EM stop"
-            lines.append(f"| {method} | {label} | {len(points)} of {len(mine)} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {method} | {unclipped} | {label} | {len(points)} of {len(mine)} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
