@@ -52,12 +52,18 @@ PAIRS = (("simu", "so_graddiff"), ("simu", "fo_graddiff"), ("simu_paper", "so_gr
 SAME_RUNS = ("steps", "every", "items", "split", "set")  # settings that make stored runs reusable
 
 
+def run_config(method: str, seed: int, settings: dict, retain_spec: str, steps: int, every: int):
+    """`method`'s preset with this bench's settings (`--set`, split, items), `steps` steps and no early stop."""
+    config = preset_config(method, **{**parse_settings(settings["set"]), "forget": f"builtin:{settings['split']}",
+                                      "steps": steps, "retain": retain_spec, "seed": seed, "curve_every": every,
+                                      "curve_items": settings["items"]})  # fmt: skip
+    config.stop_forget_em = None
+    return config
+
+
 def curve_of(method: str, seed: int, base, sets: dict, args) -> dict:
     """One run of `method` with a curve point every `args.every` steps (the original model's point first)."""
-    config = preset_config(method, **{**parse_settings(args.set), "forget": f"builtin:{args.split}", "steps": args.steps,
-                                      "retain": sets["retain_spec"], "seed": seed, "curve_every": args.every,
-                                      "curve_items": args.items})  # fmt: skip
-    config.stop_forget_em = None
+    config = run_config(method, seed, vars(args), sets["retain_spec"], args.steps, args.every)
     start = time.perf_counter()
     result = unlearn(base, sets["forget"], sets["retain"], config, curve_sets={"world_facts": sets["world_facts"]})
     points = [{"step": 0, **sets["original"]}, *curve_points([r.to_dict() for r in result.history])]
