@@ -287,9 +287,6 @@ def validate_config(config: UnlearnConfig) -> None:
          "--shard cannot run Hutchinson's estimator (FSDP has no double backward). Use --estimator gnb or sqgrad."),
         (config.curve_every >= 0 and config.curve_items >= 1,
          f"curve_every must be >= 0 and curve_items >= 1 (got {config.curve_every}, {config.curve_items})."),
-        (not config.shard or config.rho_share is None,
-         "--shard with --rho-share is not supported (the probe reads every coordinate on one process). Calibrate "
-         "rho on one process (`--rho-share` without --shard), then pass the rho it reports with --rho."),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -902,11 +899,7 @@ def unlearn(
         mask = resolve_mask(get_method(config.method), base, forget, retain, config, mask)  # once, for both runs
         config = dataclasses.replace(config, rho=calibrate_rho(base, forget, retain, config, mask).rho)
     session = _prepare(base, forget, retain, config, mask)
-    targets = [tp.target for tp in session.trainables]
-    curvature = _curvature(config, session.model, targets, session.current, _generator(session), session.autocast,
-                           session.group if session.sharded else None)  # fmt: skip
-    if session.group.world > 1 and not session.sharded and config.estimator != "sqgrad":  # sqgrad: summed gradient
-        curvature = _averaged(session.group, curvature)
+    curvature = _session_curvature(session)
     guard = _CollapseGuard(session)
     history: list[StepRecord] = []
     status, stop_reason, error = "ok", "steps", None
@@ -966,6 +959,18 @@ def curve_point(
 
     sets = {"forget": forget, **({"retain": retain} if retain is not None else {}), **(extra or {})}
     return checkpoint_scores(loaded, model, sets, config.curve_items)
+
+
+def _session_curvature(session: _Session):
+    """The session's curvature closure: over every process's rows (sharded: one backward spans them; data
+    parallel: each process's unbiased estimate, averaged; sqgrad reads the already summed gradient)."""
+    config, group = session.config, session.group
+    targets = [tp.target for tp in session.trainables]
+    curvature = _curvature(config, session.model, targets, session.current, _generator(session), session.autocast,
+                           group if session.sharded else None)  # fmt: skip
+    if group.world > 1 and not session.sharded and config.estimator != "sqgrad":
+        curvature = _averaged(group, curvature)
+    return curvature
 
 
 def _averaged(group: distributed.Group, curvature):
@@ -1058,20 +1063,21 @@ def calibrate_rho(
     ratios = torch.empty(0)
     for _ in range(rounds):
         session = _prepare(base, forget, retain, probe, mask)
-        targets = [tp.target for tp in session.trainables]
-        curvature = _curvature(probe, session.model, targets, session.current, _generator(session),
-                               session.autocast)  # fmt: skip
+        curvature = _session_curvature(session)  # as the run's: averaged or spanning the processes
         seen = []
         try:
             for step in range(1, steps + 1):
                 if isinstance(_train_step(session, step, curvature), str):
                     break
-                seen.append(session.opt.clip_ratios(sample=200_000, seed=step))
+                shards = session.group.world if session.sharded else 1
+                seen.append(session.opt.clip_ratios(sample=200_000 // shards, seed=step))
         finally:
             session.leaves.remove()
         if not seen:
             raise SimuError("the loss was not finite in the first step of the rho probe. Lower the learning rate.")
-        ratios = torch.cat(seen)
+        # Sharded, each process holds its own coordinates: every process reads the ratios of all, so all get one
+        # rho (data parallel, the processes hold the same state and the gathered samples agree as well).
+        ratios = torch.cat(session.group.gather_objects([torch.cat(seen)]) if session.sharded else seen)
         probe = dataclasses.replace(probe, rho=rho_for_share(ratios, share))
     quantiles = {f"{q:g}": rho_for_share(ratios, q) for q in (0.1, 0.3, 0.5, 0.9)}
     return RhoCalibration(probe.rho, share, config.rho, steps, quantiles)
