@@ -615,3 +615,10 @@ def test_every_registered_metric_has_its_row_in_docs_metrics():
     first_cells = [line.split("|")[1] for line in text.splitlines() if line.startswith("| `")]
     documented = {name for cell in first_cells for name in re.findall(r"`([a-z_0-9]+)`", cell)}
     assert [name for name in [*metrics.EXAMPLE_METRICS, *metrics.SUMMARY_METRICS] if name not in documented] == []
+
+
+def test_a_bad_value_column_skips_the_fact_probe_with_the_reason_and_nothing_else(full_model, splits):
+    items = [{**it, "value": "a value the answer never says"} for it in splits["forget"].items[:4]]
+    report = metrics.evaluate(full_model, {"forget": qa.QADataset("bad", items)}, None, SMALL)
+    assert "does not occur in the answer" in report.skipped["forget/fact_probe"]
+    assert report.summary["forget/exact_match"] is not None

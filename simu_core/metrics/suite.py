@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from simu_core.answers import answer_contained, answer_matches, gives_answer
+from simu_core.errors import SimuError
 from simu_core.metrics.inputs import MetricSkipped, SplitInputs, SummaryContext
 from simu_core.metrics.likelihood import (
     UTILITY_COMPONENTS,
@@ -97,13 +98,20 @@ def _fact_probe(s: SplitInputs) -> np.ndarray:
     ("Rosford" in "... was born in Rosford."; the span of `targets.value_span`), else 0: the fact can still be
     read off the model when a broken answer template hides it from greedy exact match. Skipped unless every
     item's value span is known (the built-in authors, or a `fact_span` / `value` column)."""
-    spans = [value_span(item) for item in s.items]
-    if not s.items or any(span is None for span in spans):
-        raise MetricSkipped("needs the fact's value in every answer (built-in authors, or a fact_span / value column)")
-    correct, tokenizer, fmt = s.answer.correct, s.loaded.tokenizer, s.loaded.fmt
+    try:  # a bad fact_span / value column skips this metric, not the whole report
+        spans = [value_span(item) for item in s.items]
+        if not s.items or any(span is None for span in spans):
+            raise MetricSkipped(
+                "needs the fact's value in every answer (built-in authors, or a fact_span / value column)"
+            )
+        masks = [fact_encode(s.loaded.tokenizer, s.loaded.fmt, it["question"], it["answer"], span).scored
+                 for it, span in zip(s.items, spans, strict=True)]  # fmt: skip
+    except SimuError as err:
+        raise MetricSkipped(str(err)) from err
+    correct = s.answer.correct
     known = []
-    for row, (item, span) in enumerate(zip(s.items, spans, strict=True)):
-        fact = np.array(fact_encode(tokenizer, fmt, item["question"], item["answer"], span).scored)
+    for row, scored in enumerate(masks):
+        fact = np.array(scored)
         width = min(len(fact), correct.shape[1])  # an answer cut at EvalConfig.max_length loses its tail
         known.append(float(fact[:width].any() and correct[row, :width][fact[:width]].all()))
     return np.array(known)
