@@ -33,6 +33,7 @@ from simu_core.builtin import (
     read_build_status,
     shipped_covers,
     start_background_build,
+    with_app_parts,
 )
 from simu_core.config import builtin_root, simu_home, to_dict
 from simu_core.errors import SimuError
@@ -117,8 +118,7 @@ def require_builtin(*specs: str | None) -> None:
         with st.spinner("First start: copying the built-in default shipped with SIMU Studio (a few seconds)..."):
             ensure_builtin(root)  # copy and check the shipped files here (all of them: 23 MB): no process to start
         return
-    # The app's parts, plus any on-demand one the specs name (a disjoint forget set's reference)
-    wanted = (*BUILD_ORDER, *(p for p in parts if p not in BUILD_ORDER))
+    wanted = with_app_parts(parts)  # plus any on-demand one the specs name (a disjoint forget set's reference)
     status = read_build_status(root)
     if status is not None and status.state == "failed" and not build_active(root):
         st.error(f"**Could not build the built-in default.** {status.error}")

@@ -852,9 +852,9 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
 def ensure_size(size: str | None, progress: Progress = _no_progress, specs: Sequence[str] = ()) -> Path:
     """The built-in cache of `size` (None: $SIMU_BUILTIN_SIZE / default), its missing parts built first:
     the app's, and the on-demand ones `specs` name (a disjoint forget set's reference, "builtin:retain10b")."""
-    from simu_core.builtin import BUILD_ORDER, ensure_builtin, existing_config, parts_for_specs
+    from simu_core.builtin import ensure_builtin, existing_config, parts_for_specs, with_app_parts
     from simu_core.config import builtin_config, builtin_root
 
     root = builtin_root(size)
-    parts = (*BUILD_ORDER, *(p for p in parts_for_specs(*specs) if p not in BUILD_ORDER))
+    parts = with_app_parts(parts_for_specs(*specs))
     return ensure_builtin(root, existing_config(root) or builtin_config(size), progress, parts)

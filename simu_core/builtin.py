@@ -161,6 +161,11 @@ def parts_for_specs(*specs: str | None) -> tuple[str, ...]:
     return tuple(p for p in PARTS if p == DATA_PART or p in names)
 
 
+def with_app_parts(parts: Sequence[str]) -> tuple[str, ...]:
+    """`BUILD_ORDER` (what the app needs) plus the on-demand parts among `parts`, in build order."""
+    return tuple(p for p in PARTS if p in BUILD_ORDER or p in parts)
+
+
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: status checks stay cheap
 
 

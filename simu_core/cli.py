@@ -736,7 +736,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def bench_cmd(args: argparse.Namespace) -> dict:
     import torch
 
-    from simu_core.benchmark import KNOWLEDGE_METHODS, QUALITY_METHODS, QualityConfig, ensure_size, run_quality
+    from simu_core.benchmark import (
+        KNOWLEDGE_METHODS,
+        QUALITY_METHODS,
+        QualityConfig,
+        ensure_size,
+        get_benchmark,
+        run_quality,
+    )
     from simu_core.knowledge import ensure_knowledge
     from simu_core.metrics import EvalConfig
 
@@ -750,7 +757,7 @@ def bench_cmd(args: argparse.Namespace) -> dict:
     builtin = args.benchmark == "builtin"
     splits = args.splits or ("forget01,forget05,forget10" if builtin else "forget")
     if builtin:
-        references = [f"builtin:{s.strip()}".replace("forget", "retain") for s in splits.split(",")]
+        references = [get_benchmark("builtin").reference(s.strip()) or "" for s in splits.split(",")]
         root = args.root or ensure_size(args.size, stderr_progress, references)
     else:
         root = args.root

@@ -106,7 +106,7 @@ def resolve_model_source(spec: str, root: str | Path | None = None, progress: Pr
             raise SimuError(f"unknown built-in model '{name}'. Choose one of: {choices}.")
         folder = Path(root or builtin_root()) / "models" / name
         if not (folder / "config.json").exists():
-            how = (f"`python -m simu_core build-default --parts {name}` (about 10 minutes on 2 CPU cores; "
+            how = (f"`python -m simu_core build-default --parts {name}` (about 5 minutes on one CPU core; "
                    "the CLI builds it when a command names it)" if name in ON_DEMAND_MODELS
                    else "`python -m simu_core build-default` (or open the app, which builds it)")  # fmt: skip
             raise SimuError(f"the built-in model '{name}' is not built yet ({folder} missing). Run {how}.")

@@ -96,6 +96,7 @@ def test_parts_are_named_by_the_specs_that_need_them():
     assert builtin.parts_for_specs("builtin:world_facts") == ("data",)
     assert builtin.parts_for_specs("builtin:full", "builtin:forget10b") == ("data", "full")
     assert builtin.parts_for_specs("builtin:retain10c") == ("data", "retain10c")
+    assert builtin.with_app_parts(("data", "retain10c")) == (*builtin.BUILD_ORDER, "retain10c")
     assert builtin.parts_for_specs("some/folder", "file.jsonl") == ()
     assert builtin.parts_for_specs("builtin:smollm2", "builtin:smollm2/forget") == ()  # not the built-in default
 
