@@ -70,3 +70,11 @@ def test_the_extra_curve_sets_are_what_each_built_in_benchmark_keeps_besides_ret
     assert curve_companions("builtin:smollm2/forget") == {"neighbour": "builtin:smollm2/neighbour",
                                                           "general": "builtin:smollm2/general"}  # fmt: skip
     assert curve_companions("my_forget.jsonl") == {}
+
+
+def test_the_figure_adds_a_fact_probe_panel_where_the_points_have_it():
+    points = [{"step": s, "forget/rouge_l": 1 - s / 10, "retain/exact_match": 0.9, "forget/fact_probe": 0.5}
+              for s in (1, 2)]  # fmt: skip
+    fig = tradeoff_figure({"a": points}, reference=0.5)
+    assert {t.text for t in fig.layout.annotations if t.text} >= {"retain exact match", "forget fact probe"}
+    assert [list(trace.y) for trace in fig.data] == [[0.9, 0.9], [0.5, 0.5]]
