@@ -26,6 +26,7 @@ from pathlib import Path
 
 import _common
 import torch
+from bench_relearn import with_forget_known
 from bench_tradeoff import run_config
 
 from simu_core import data as qa
@@ -42,9 +43,7 @@ def attacked(loaded, model, forget: qa.QADataset, attack: RelearnConfig) -> dict
     """The attack's shares, with the whole forget set's known share before it (from its two halves)."""
     row = relearning_attack(loaded, model, forget, attack)
     row["attack_seed"] = row.pop("seed")  # the run's own seed keeps the name "seed"
-    n = row["n_trained"] + row["n_heldout"]
-    known = (row["trained_before"] * row["n_trained"] + row["heldout_before"] * row["n_heldout"]) / n
-    return {**row, "forget_known": known}
+    return with_forget_known(row)
 
 
 def at_muse(run: dict, settings: dict, base, sets: dict, attack: RelearnConfig) -> dict:

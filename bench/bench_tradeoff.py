@@ -49,6 +49,7 @@ PROBE = "forget/fact_probe"  # teacher-forced: is the fact's value still the top
 # its random control of the same size.
 PAIRS = (("simu", "so_graddiff"), ("simu", "fo_graddiff"), ("simu_paper", "so_graddiff"),
          ("simu_paper", "fo_graddiff"), ("simu", "random_mask"), ("simu_paper", "random_mask_paper"))  # fmt: skip
+READINGS = {"muse": "MUSE", "em_stop": "EM stop"}  # MUSE's checkpoint; the quality table's EM stop
 SAME_RUNS = ("steps", "every", "items", "split", "set")  # settings that make stored runs reusable
 
 
@@ -89,7 +90,7 @@ def markdown(runs: list[dict], reference: dict) -> str:
                  f"| {reference['world_facts/exact_match']:.3f} | {probe} | – | – | – | – |")  # fmt: skip
     for run in runs:
         cells = [run["method"], str(run["seed"])]
-        for name in ("muse", "em_stop"):
+        for name in READINGS:
             point = run[name]
             if point is None:
                 cells += ["not reached"] + ["–"] * (4 if name == "muse" else 3)
@@ -109,10 +110,10 @@ def paired_readings(runs: list[dict]) -> list[dict]:
     has no value there, and its seed drops out of that comparison."""
     records = [{"split": name, "method": r["method"], "seed": r["seed"],
                 **({k: r[name].get(k) for k in (*KEPT, PROBE)} if r[name] else {})}
-               for r in runs for name in ("muse", "em_stop")]  # fmt: skip
+               for r in runs for name in READINGS]  # fmt: skip
     methods = {r["method"] for r in runs}
     return [{"reading": name, "a": a, "b": b, "score": k, **paired_difference(records, name, a, b, k)}
-            for name in ("muse", "em_stop") for a, b in PAIRS if {a, b} <= methods for k in (*KEPT, PROBE)]  # fmt: skip
+            for name in READINGS for a, b in PAIRS if {a, b} <= methods for k in (*KEPT, PROBE)]  # fmt: skip
 
 
 def paired_markdown(rows: list[dict]) -> str:
@@ -125,12 +126,12 @@ def paired_markdown(rows: list[dict]) -> str:
 
     head = "| reading | a − b | retain EM | world facts EM | forget fact probe |\n|---|---|---|---|---|"
     lines = [head]
-    for name in ("muse", "em_stop"):
+    for name, label in READINGS.items():
         for a, b in PAIRS:
             pair = {r["score"]: r for r in rows if r["reading"] == name and (r["a"], r["b"]) == (a, b)}
             if pair:
                 cells = [cell(pair[k]) for k in (*KEPT, PROBE)]
-                lines.append(f"| {'MUSE' if name == 'muse' else 'EM stop'} | {a} − {b} | " + " | ".join(cells) + " |")
+                lines.append(f"| {label} | {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -144,13 +145,12 @@ def means_markdown(runs: list[dict]) -> str:
         mine = [r for r in runs if r["method"] == method]
         shares = [r["unclipped_mean"] for r in mine if r.get("unclipped_mean") is not None]
         unclipped = f"{100 * sum(shares) / len(shares):.2f}%" if shares else "–"
-        for name in ("muse", "em_stop"):
+        for name, label in READINGS.items():
             points = [r[name] for r in mine if r[name]]
             cells = []
             for key in keys:
                 values = [p[key] for p in points if p.get(key) is not None]
                 cells.append(f"{sum(values) / len(values):.{0 if key == 'step' else 3}f}" if values else "–")
-            label = "MUSE" if name == "muse" else "EM stop"
             lines.append(
                 f"| {method} | {unclipped} | {label} | {len(points)} of {len(mine)} | " + " | ".join(cells) + " |"
             )

@@ -388,9 +388,10 @@ def evaluate_cmd(args: argparse.Namespace) -> dict | None:
     given = {"retain": args.retain, "holdout": args.holdout, "real_authors": args.real_authors,
              "world_facts": args.world_facts}  # fmt: skip
     companions = {k: (None if v.lower() == "none" else v) for k, v in given.items() if v}
-    data = args.data or (read_config(args.run).forget if args.run else "builtin:forget10")
+    run_config = read_config(args.run) if args.run else None
+    data = args.data or (run_config.forget if run_config else "builtin:forget10")
     specs = {**builtin_companions(data), **companions}
-    base = args.model or (read_config(args.run).model if args.run else "")
+    base = args.model or (run_config.model if run_config else "")
     group = distributed.current(args.device)
     if group.is_main:  # the retain reference too (a disjoint forget set's is built on first use)
         ensure_builtin_for(args.model, args.reference or default_reference(base, data), *specs.values())

@@ -264,21 +264,21 @@ def tradeoff_figure(
 
     x runs from right (before unlearning) to left; `reference`: the retain reference's forget score, drawn
     as a vertical line (MUSE's rule reads each curve where it first crosses it)."""
-    kept = sorted({k for points in curves.values() for p in points for k in p if k.endswith("/exact_match")}
-                  - {x.split("/")[0] + "/exact_match"})  # fmt: skip
+    panels = sorted({k for points in curves.values() for p in points for k in p if k.endswith("/exact_match")}
+                    - {x.split("/")[0] + "/exact_match"})  # fmt: skip
     probe = f"{x.split('/')[0]}/fact_probe"  # what of the forget facts is still predictable, where recorded
-    kept += [probe] if any(probe in p for points in curves.values() for p in points) else []
-    titles = [k.split("/")[0].replace("_", " ") + (" fact probe" if k == probe else " exact match") for k in kept]
-    fig = make_subplots(rows=1, cols=max(1, len(kept)), shared_xaxes=True, subplot_titles=titles)
+    panels += [probe] if any(probe in p for points in curves.values() for p in points) else []
+    titles = [k.split("/")[0].replace("_", " ") + (" fact probe" if k == probe else " exact match") for k in panels]
+    fig = make_subplots(rows=1, cols=max(1, len(panels)), shared_xaxes=True, subplot_titles=titles)
     for i, (name, points) in enumerate(curves.items()):
         color = _RUN_COLORS[i % len(_RUN_COLORS)]
-        for col, key in enumerate(kept, start=1):
+        for col, key in enumerate(panels, start=1):
             fig.add_scatter(x=[p.get(x) for p in points], y=[p.get(key) for p in points], mode="lines+markers",
                             name=name, legendgroup=name, showlegend=col == 1, line={"color": color},
                             text=[f"step {p['step']}" for p in points], row=1, col=col,
                             hovertemplate="%{text}<br>forget %{x:.3f}<br>%{y:.3f}<extra>" + name + "</extra>")  # fmt: skip
     if reference is not None:
-        for col in range(1, len(kept) + 1):
+        for col in range(1, len(panels) + 1):
             fig.add_vline(x=reference, line={"color": "#7f7f7f", "dash": "dot"}, row=1, col=col)
     title = "Trade-off along each run: kept (exact match) against forget " + x.split("/")[1].replace("_", "-").upper()
     if reference is not None:

@@ -1064,19 +1064,19 @@ def calibrate_rho(
     for _ in range(rounds):
         session = _prepare(base, forget, retain, probe, mask)
         curvature = _session_curvature(session)  # as the run's: averaged or spanning the processes
+        shards = session.group.world if session.sharded else 1
         seen = []
         try:
             for step in range(1, steps + 1):
                 if isinstance(_train_step(session, step, curvature), str):
                     break
-                shards = session.group.world if session.sharded else 1
                 seen.append(session.opt.clip_ratios(sample=200_000 // shards, seed=step))
         finally:
             session.leaves.remove()
         if not seen:
             raise SimuError("the loss was not finite in the first step of the rho probe. Lower the learning rate.")
-        # Sharded, each process holds its own coordinates: every process reads the ratios of all, so all get one
-        # rho (data parallel, the processes hold the same state and the gathered samples agree as well).
+        # Sharded, each process holds its own coordinates, so every process pools all of them and all get one rho;
+        # data-parallel processes hold the same state, so their own samples already agree.
         ratios = torch.cat(session.group.gather_objects([torch.cat(seen)]) if session.sharded else seen)
         probe = dataclasses.replace(probe, rho=rho_for_share(ratios, share))
     quantiles = {f"{q:g}": rho_for_share(ratios, q) for q in (0.1, 0.3, 0.5, 0.9)}
