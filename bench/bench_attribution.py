@@ -97,7 +97,7 @@ def default_shape_speed(methods: list[str], steps: int, batch_size: int) -> list
     fmt = qa.PromptFormat()
     texts = [f"{fmt.prompt(it['question'])} {it['answer']}" for items in splits.values() for it in items]
     tokenizer = train_tokenizer(texts, config.model.vocab_size)
-    model = make_tiny_llama(config, tokenizer).eval()
+    model = make_tiny_llama(config.model, tokenizer, config.seed).eval()
     loaded = LoadedModel(model, tokenizer, fmt, "untrained default shape", "")
     forget = qa.QADataset("forget10", splits["forget10"])
     rows = []

@@ -7,6 +7,8 @@
     --split forget10b / forget10c: authors disjoint from forget10 (where the presets were tuned, seed 0),
     each with its own retain reference (built on first use: `build-default --parts retain10b`).
     --set rho_share=0.3: Sophia calibrated to 30% unclipped coordinates, on top of every preset.
+    --root DIR: another built-in cache, e.g. a two-stage build (`python -m simu_core build-staged`; give --out
+    too). `bench/staged.sh` runs this bench on three two-stage base models.
 
 Every method runs at its preset (`unlearn.preset_config`) with the same step budget and no early stop,
 and scores the model every `--every` steps (`metrics.curve.checkpoint_scores`: greedy exact match and
@@ -20,7 +22,7 @@ labels and the random mask. Writes bench/results/tradeoff.json, results/tradeoff
 per seed) and prints a Markdown table (load average at start and end), then each comparison of
 `PAIRS` at both readings, paired by seed with a 95% t-interval. Resumable: runs already in --out with
 the same settings are kept, so `--seeds 3` after `--seeds 1` computes seeds 2 and 3 only. `--pool A.json,B.json`
-pairs the runs of several splits (each pair within one split and seed) for intervals over all of them.
+pairs the runs of several files (each pair within one base model, split and seed) for intervals over all of them.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ PROBE = "forget/fact_probe"  # teacher-forced: is the fact's value still the top
 PAIRS = (("simu", "so_graddiff"), ("simu", "fo_graddiff"), ("simu_paper", "so_graddiff"),
          ("simu_paper", "fo_graddiff"), ("simu", "random_mask"), ("simu_paper", "random_mask_paper"))  # fmt: skip
 READINGS = {"muse": "MUSE", "em_stop": "EM stop"}  # MUSE's checkpoint; the quality table's EM stop
-SAME_RUNS = ("steps", "every", "items", "split", "set")  # settings that make stored runs reusable
+SAME_RUNS = ("steps", "every", "items", "split", "set", "root")  # settings that make stored runs reusable
 
 
 def run_config(method: str, seed: int, settings: dict, retain_spec: str, steps: int, every: int):
@@ -158,13 +160,14 @@ def means_markdown(runs: list[dict]) -> str:
 
 
 def pooled_runs(paths: list[str]) -> list[dict]:
-    """The runs of several splits' JSON files, each seed renamed "<split>:<seed>" so that pairs stay within one
-    split and seed (same forget set, same seed) and the intervals run over every pair of every split."""
+    """The runs of several JSON files (one per split and base model), each seed renamed "<base>:<split>:<seed>"
+    so that pairs stay within one base model, split and seed, and the intervals run over all of them."""
     runs = []
     for path in paths:
         stored = json.loads(Path(path).read_text(encoding="utf-8"))
-        split = stored["settings"]["split"]
-        runs += [{**run, "seed": f"{split}:{run['seed']}"} for run in stored["runs"]]
+        settings = stored["settings"]
+        base = Path(settings["root"]).name if settings.get("root") else "builtin"
+        runs += [{**run, "seed": f"{base}:{settings['split']}:{run['seed']}"} for run in stored["runs"]]
     return runs
 
 
@@ -174,7 +177,7 @@ def stored_runs(args) -> list[dict]:
     if not path.exists():
         return []
     stored = json.loads(path.read_text(encoding="utf-8"))
-    same = all(stored["settings"].get(k, []) == getattr(args, k) for k in SAME_RUNS)
+    same = all(stored["settings"].get(k, None if k == "root" else []) == getattr(args, k) for k in SAME_RUNS)
     return stored["runs"] if same else []
 
 
@@ -186,6 +189,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="steps between curve points")
     parser.add_argument("--items", type=int, default=50, help="items per set at each point")
     parser.add_argument("--split", default="forget10")
+    parser.add_argument("--root", default=None, help="a built-in cache folder, e.g. a two-stage build "
+                        "(`python -m simu_core build-staged`); default: the built-in default's; give --out too")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting on top of every method's preset (e.g. rho_share=0.3); give --out too")  # fmt: skip
@@ -207,12 +212,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     specs = builtin_companions(f"builtin:{args.split}")
-    base = load_model("builtin:full", device="cpu")
-    sets = {name: qa.load_data(specs[name]) for name in ("forget", "retain", "world_facts")}
+    base = load_model("builtin:full", device="cpu", root=args.root)
+    sets = {name: qa.load_data(specs[name], root=args.root) for name in ("forget", "retain", "world_facts")}
     sets["retain_spec"] = specs["retain"]
     scored = {k: sets[k] for k in ("forget", "retain", "world_facts")}
     sets["original"] = checkpoint_scores(base, base.model, scored, args.items)
-    reference_model = load_model(default_reference("builtin:full", f"builtin:{args.split}"), device="cpu")
+    reference_spec = default_reference("builtin:full", f"builtin:{args.split}")
+    reference_model = load_model(reference_spec, device="cpu", root=args.root)
     reference = checkpoint_scores(reference_model, reference_model.model, scored, args.items)
     runs = stored_runs(args)
     done = {(r["method"], r["seed"]) for r in runs}
@@ -238,8 +244,9 @@ def main() -> None:
 def plot(runs: list[dict], reference: dict, args) -> None:
     """One trade-off figure per seed (every method's curve, the reference's forget ROUGE-L dotted) -> --html."""
     seeds = sorted({r["seed"] for r in runs})
+    where = f"{Path(args.root).name}, " if getattr(args, "root", None) else ""
     figures = [tradeoff_figure({r["method"]: r["points"] for r in runs if r["seed"] == seed},
-                               reference["forget/rouge_l"]).update_layout(title=f"{args.split}, seed {seed}")
+                               reference["forget/rouge_l"]).update_layout(title=f"{where}{args.split}, seed {seed}")
                for seed in seeds]  # fmt: skip
     print(f"wrote {write_figures(args.html, figures, f'Trade-off curves on the built-in ({args.split})')}")
 

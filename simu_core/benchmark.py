@@ -73,6 +73,7 @@ TABLE_COLUMNS = (
     ("forget/exact_match", "forget EM ↓", 3),
     ("forget/answer_contained", "forget contained ↓", 3),
     ("forget/rouge_l", "forget ROUGE-L ↓", 3),
+    ("forget/fact_probe", "forget fact probe ↓", 3),  # cells computed before the metric existed show "–"
     ("log10_forget_quality", "log10 forget quality ↑", 2),
     ("model_utility", "model utility ↑", 3),
     ("retain/exact_match", "retain EM ↑", 3),
@@ -87,6 +88,7 @@ TABLE_COLUMNS = (
 # holdout; what is kept is read on the retain facts, the forget entities' other facts and everything else.
 KNOWLEDGE_COLUMNS = (
     ("forget/knows", "forget known ↓", 3),
+    ("forget/knows_paraphrased", "forget known, paraphrased ↓", 3),
     ("forget/exact_match", "forget EM ↓", 3),
     ("forget/prob", "forget prob ↓", 3),
     ("retain/knows", "retain known ↑", 3),

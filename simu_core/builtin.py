@@ -29,7 +29,7 @@ from torch import nn
 
 from simu_core import data as qa
 from simu_core import versions
-from simu_core.config import BuiltinConfig, TrainConfig, builtin_config, builtin_root, to_dict
+from simu_core.config import BuiltinConfig, TinyModelConfig, TrainConfig, builtin_config, builtin_root, to_dict
 from simu_core.models import SIMU_JSON, exact_match, greedy_answers, pick_device
 
 Progress = Callable[[str, float], None]  # (message, fraction done in [0, 1])
@@ -63,11 +63,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     )
 
 
-def make_tiny_llama(config: BuiltinConfig, tokenizer) -> nn.Module:
-    """A freshly initialised tiny LlamaForCausalLM (seeded by `config.seed`)."""
+def make_tiny_llama(m: TinyModelConfig, tokenizer, seed: int) -> nn.Module:
+    """A freshly initialised LlamaForCausalLM of shape `m` (weights drawn with `seed`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = config.model
     llama_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=m.d_model,
@@ -81,7 +80,7 @@ def make_tiny_llama(config: BuiltinConfig, tokenizer) -> nn.Module:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config)
 
 
@@ -523,7 +522,7 @@ def _build_model(root: Path, config: BuiltinConfig, name: str, device: torch.dev
     fmt = qa.PromptFormat()
     train_items = _read_split(root, name) + _read_split(root, "world_facts")
     examples = qa.encode_dataset(tokenizer, fmt, qa.QADataset(name, train_items))
-    model = make_tiny_llama(config, tokenizer).to(device)
+    model = make_tiny_llama(config.model, tokenizer, config.seed).to(device)
     train_lm(model, examples, qa.pad_id_of(tokenizer), config.train, config.seed, progress)
     scores = {}
     for split in ["full"] if name == "full" else [name, name.replace("retain", "forget")]:

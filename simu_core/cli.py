@@ -699,6 +699,44 @@ def finetune_cmd(args: argparse.Namespace) -> dict:
     return {"out": args.out, **{f"{p}/exact_match": e["exact_match"] for p, e in manifest["parts"].items()}}
 
 
+def _staged_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=("tiny", "mid"), default="tiny",
+                   help="tiny: the default built-in's 1.2M-parameter shape (minutes); mid: 6.8M parameters (about "
+                        "an hour on 2 CPU cores, minutes on a GPU)")  # fmt: skip
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="seeds initialisation and batch order only (the data stay the same): one base-model replicate")  # fmt: skip
+    p.add_argument("--parts", default=None,
+                   help="comma-separated fine-tuned parts (default: full,retain10,retain10b,retain10c)")  # fmt: skip
+    p.add_argument("--out", default=None, help="output folder (default $SIMU_HOME/staged-<size>-seed<train-seed>)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+@command("build-staged", "the two-stage built-in (TOFU's regime): pretrain a small Llama on world facts and other "
+         "authors, then fine-tune it on the benchmark's authors and each retain split; resumable", _staged_args)  # fmt: skip
+def build_staged_cmd(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from simu_core.finetune import parse_parts
+    from simu_core.pretrain import build_staged, staged_config, staged_root
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = staged_config(args.size, args.train_seed)
+    if args.parts:
+        config.parts = parse_parts(args.parts)
+    out = args.out or str(staged_root(args.size, args.train_seed))
+    manifest = build_staged(config, out, device=args.device, progress=stderr_progress)
+    scores = {
+        **manifest["base"]["exact_match"],
+        **{k: v for e in manifest["parts"].values() for k, v in e["exact_match"].items()},
+    }
+    return {"out": out, "parameters": manifest["base"]["parameters"], "exact_match": scores,
+            "next": f"python -m simu_core bench quality --root {out} --splits forget10b,forget10c --out results/{Path(out).name}"}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # bench quality (the method comparison table)
 # --------------------------------------------------------------------------------------------

@@ -349,6 +349,17 @@ def generate_benchmark(n_authors: int = 200, seed: int = 0, n_holdout: int | Non
     return splits
 
 
+def background_authors(n_authors: int, seed: int, exclude: Sequence[str] = ()) -> list[dict]:
+    """Items of `n_authors` more fictitious authors for pretraining (the two-stage built-in's generic text).
+
+    Same facts, templates and value pools as the benchmark's, drawn from their own random stream (so the
+    benchmark generated with `seed` is unchanged), with names that differ from `exclude` (the benchmark's
+    authors): the pretrained model learns how biographies are asked and answered, not who the authors are.
+    """
+    pools = _Pools(random.Random(f"background-{seed}"), used_names=set(exclude))
+    return [it for _ in range(n_authors) for it in _author_items(pools, pools.name())]
+
+
 def disjoint_split(full: Sequence[dict], name: str) -> list[dict]:
     """One of `DISJOINT_SPLITS` from the items of `full` (in the trained authors' order, as generated).
 

@@ -37,13 +37,14 @@ import torch
 from simu_core import data as qa
 from simu_core.answers import match_rate
 from simu_core.builtin import _hash_folders, _write_json_atomic, ensure_builtin, train_lm
-from simu_core.config import TrainConfig, builtin_root, to_dict
+from simu_core.config import TrainConfig, builtin_root, later, to_dict
 from simu_core.errors import SimuError
-from simu_core.models import SIMU_JSON, LoadedModel, greedy_answers, load_model, pick_device, resolve_model_source
+from simu_core.models import SIMU_JSON, greedy_answers, load_model, pick_device, resolve_model_source
 
 Progress = Callable[[str, float], None]
 
 PARTS = ("full", "retain10", "retain05", "retain01")
+EXTRA_PARTS = tuple(f"retain10{s}" for s in qa.DISJOINT_SETS)  # references of the disjoint forget sets, on request
 MANIFEST = "finetune.json"
 CHECK_ITEMS = 200  # greedy answers per check: enough for a stable exact match, bounded on big models
 CPU_WARN_PARAMS = 20_000_000  # above this, fine-tuning on CPU takes hours: say so before starting
@@ -59,15 +60,19 @@ class FinetuneConfig:
     prompt_template: str = qa.DEFAULT_PROMPT_TEMPLATE
     seed: int = 0
     trust_remote_code: bool = False
+    # Copies of each world fact added to every part's training data (rehearsal): a small base fine-tuned on
+    # the authors alone forgets all it was pretrained on (the two-stage built-in; see `pretrain`).
+    rehearse_world: int = later(0)
 
 
 def _no_progress(message: str, fraction: float) -> None:
     pass
 
 
-def _check_split(part: str) -> str:
-    """The split a part is checked on: `full` on its own authors, `retainXX` on the forgetXX it never saw."""
-    return "full" if part == "full" else f"forget{part[-2:]}"
+def _check_splits(part: str) -> tuple[str, ...]:
+    """The splits a part is checked on: `full` on its own authors and the world facts, `retainXX` on the
+    forgetXX it never saw."""
+    return ("full", "world_facts") if part == "full" else (part.replace("retain", "forget"),)
 
 
 def _sample(items: list[dict], n: int, seed: int) -> list[dict]:
@@ -84,11 +89,24 @@ def cpu_warning(parameters: int, device: torch.device) -> str | None:
     return None
 
 
-def _save(loaded: LoadedModel, fmt: qa.PromptFormat, folder: Path, info: dict) -> None:
-    loaded.model.save_pretrained(folder, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(folder)
-    simu = {"prompt_template": fmt.template, "separator": fmt.separator, "append_eos": fmt.appends_eos, **info}
-    (folder / SIMU_JSON).write_text(json.dumps(simu, indent=2), encoding="utf-8")
+def install_model(model, tokenizer, fmt: qa.PromptFormat, out: Path, part: str, info: dict) -> dict[str, str]:
+    """Write `model` and `tokenizer` (with a `simu.json` holding `fmt` and `info`) as `out/models/part`, through a
+    temp folder renamed when complete; returns the sha256 of its files (keyed by path relative to `out`)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
+    tmp, final = out / "models" / f".{part}.building-{time.time_ns()}", out / "models" / part
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        simu = {"prompt_template": fmt.template, "separator": fmt.separator, "append_eos": fmt.appends_eos, **info}
+        (tmp / SIMU_JSON).write_text(json.dumps(simu, indent=2), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _hash_folders(out, [f"models/{part}"])
 
 
 def finetune_part(
@@ -111,27 +129,23 @@ def finetune_part(
     fmt = qa.PromptFormat(config.prompt_template, " ", eos=True)
     if loaded.tokenizer.eos_token_id is None:
         raise SimuError(f"model '{config.base}' has no EOS token, so its answers cannot end. Pick another base.")
-    items = qa.load_file(data_root / "data" / f"{part}.jsonl").items
+    items = qa.load_data(f"builtin:{part}", root=data_root).items
+    items += qa.load_data("builtin:world_facts", root=data_root).items * config.rehearse_world
     examples = qa.encode_dataset(loaded.tokenizer, fmt, qa.QADataset(part, items))
     losses = train_lm(loaded.model, examples, qa.pad_id_of(loaded.tokenizer), config.train, config.seed, progress)
-    check = _check_split(part)
-    probe = _sample(qa.load_file(data_root / "data" / f"{check}.jsonl").items, CHECK_ITEMS, config.seed)
-    answers = greedy_answers(loaded.model, loaded.tokenizer, fmt, [it["question"] for it in probe])
-    tmp, final = out / "models" / f".{part}.building-{time.time_ns()}", out / "models" / part
-    try:
-        info = {"finetuned_from": config.base, "trained_on": part, "builtin": part}
-        _save(loaded, fmt, tmp, info)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    scores = {}
+    for check in _check_splits(part):
+        probe = _sample(qa.load_data(f"builtin:{check}", root=data_root).items, CHECK_ITEMS, config.seed)
+        answers = greedy_answers(loaded.model, loaded.tokenizer, fmt, [it["question"] for it in probe])
+        scores[f"{part}/{check}"] = match_rate(answers, [it["answer"] for it in probe])
+    info = {"finetuned_from": config.base, "trained_on": part, "builtin": part}
+    files = install_model(loaded.model, loaded.tokenizer, fmt, out, part, info)
     return {
-        "exact_match": {f"{part}/{check}": match_rate(answers, [it["answer"] for it in probe])},
+        "exact_match": scores,
         "epoch_losses": [round(x, 4) for x in losses],
         "seconds": round(time.perf_counter() - start, 1),
         "device": str(device),
-        "files": _hash_folders(out, [f"models/{part}"]),
+        "files": files,
     }
 
 
@@ -147,17 +161,16 @@ def finetune_authors(
     The built-in benchmark's data part is built (or copied from the shipped default) if missing.
     Parts already listed in `out`'s manifest for the same config are kept (resumable).
     """
-    unknown = [p for p in config.parts if p not in PARTS]
-    if unknown:
-        raise SimuError(f"unknown part(s) {', '.join(unknown)}. Choose from: {', '.join(PARTS)}.")
+    check_parts(config.parts)
     out, device = Path(out), pick_device(device) if not isinstance(device, torch.device) else device
     data_root = ensure_builtin(Path(data_root or builtin_root()), parts=("data",))
     (out / "models").mkdir(parents=True, exist_ok=True)
     shutil.copytree(data_root / "data", out / "data", dirs_exist_ok=True)  # the splits the parts are scored on
     settings = json.loads(json.dumps(to_dict(config)))  # as the manifest stores it (tuples become lists)
     manifest = _read_manifest(out)
-    if manifest.get("config") != settings:
-        manifest = {"config": settings, "parts": {}}
+    if not same_but_parts(manifest.get("config"), settings):
+        manifest = {"parts": {}}
+    manifest["config"] = settings
     for i, part in enumerate(config.parts):
         if part in manifest["parts"] and (out / "models" / part).is_dir():
             continue
@@ -168,6 +181,18 @@ def finetune_authors(
         manifest["parts"][part] = finetune_part(config, part, out, data_root, device, step)
         _write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def check_parts(parts: tuple[str, ...]) -> None:
+    """Raise, naming the choices, when any of `parts` is not a part that can be fine-tuned."""
+    unknown = [p for p in parts if p not in (*PARTS, *EXTRA_PARTS)]
+    if unknown:
+        raise SimuError(f"unknown part(s) {', '.join(unknown)}. Choose from: {', '.join((*PARTS, *EXTRA_PARTS))}.")
+
+
+def same_but_parts(stored: dict | None, settings: dict) -> bool:
+    """Whether a stored config equals `settings` in all but the list of parts (each part is kept on its own)."""
+    return stored is not None and {**stored, "parts": None} == {**settings, "parts": None}
 
 
 def _read_manifest(out: Path) -> dict:

@@ -104,6 +104,16 @@ def test_changed_settings_make_only_affected_cells_stale(builtin_dir, first_run,
     assert read_cell(out, Cell("forget10", "ga", 1))["steps_done"] == 3
 
 
+def test_the_table_has_the_forget_fact_probe_of_every_fresh_cell(first_run):
+    out, _ = first_run
+    probe = read_cell(out, Cell("forget10", "ga", 1))["metrics"]["forget/fact_probe"]
+    assert 0.0 <= probe <= 1.0
+    lines = [line.split("|") for line in (out / "quality.md").read_text(encoding="utf-8").splitlines() if "|" in line]
+    column = next(row for row in lines if " method " in row).index(" forget fact probe ↓ ")
+    ga_row = next(row for row in lines if "**ga**" in row[1])
+    assert ga_row[column].strip() == f"{probe:.3f} ± 0.000"  # one seed: no spread
+
+
 def test_cli_bench_quality_resumes(builtin_dir, first_run, capsys):
     from simu_core.cli import main
 

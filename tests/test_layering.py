@@ -39,6 +39,7 @@ LAYERS = {
     "simu_core.knowledge": 5,  # the real-knowledge benchmark, built for a model
     "simu_core.neurons": 5,
     "simu_core.finetune": 6,  # the authors fine-tuned onto a pretrained model (uses builtin's training loop)
+    "simu_core.pretrain": 7,  # the two-stage built-in: a small Llama pretrained here, then `finetune`
     "simu_core.distributed": 5,  # several processes: sharding and reductions through Accelerate
     "simu_core.targets": 5,  # attribution targets: the rows (value spans, subjects, matched items) of a data set
     # algorithms on a loaded model: attribution, masks, losses, the optimiser, the metrics
