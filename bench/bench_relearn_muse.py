@@ -12,7 +12,8 @@ on a seeded half of the forget set and counts how many answers of the *other* ha
 retain reference (never trained on these authors) takes the same attack: what it gets right on the
 held-out half after the attack is what fine-tuning on the other half teaches from nothing, so a method
 hid its facts only where its held-out share after the attack is above the reference's. The original
-model shows the attack's ceiling. Writes bench/results/relearn_muse_<split>.json and prints a Markdown
+model shows the attack's ceiling. A trade-off run with `--root` (a two-stage build) is attacked on that build.
+Writes bench/results/relearn_muse_<split>.json and prints a Markdown
 table (load average at start and end).
 """
 
@@ -87,12 +88,13 @@ def main() -> None:
     stored = json.loads(Path(args.tradeoff).read_text(encoding="utf-8"))
     settings = {"set": [], **stored["settings"]}
     specs = builtin_companions(f"builtin:{settings['split']}")
-    base = load_model("builtin:full", device="cpu")
-    sets = {name: qa.load_data(specs[name]) for name in ("forget", "retain", "world_facts")}
+    root = settings.get("root")  # the built-in cache the trade-off ran on (a two-stage build, or the default's)
+    base = load_model("builtin:full", device="cpu", root=root)
+    sets = {name: qa.load_data(specs[name], root=root) for name in ("forget", "retain", "world_facts")}
     sets["retain_spec"] = specs["retain"]
     sets["scored"] = {k: sets[k] for k in ("forget", "retain", "world_facts")}
     attack = RelearnConfig(steps=args.attack_steps, lr=args.attack_lr, seed=0, max_new_tokens=32)
-    reference = load_model(default_reference("builtin:full", f"builtin:{settings['split']}"), device="cpu")
+    reference = load_model(default_reference("builtin:full", f"builtin:{settings['split']}"), device="cpu", root=root)
     rows = [{"method": "original", **attacked(base, base.model, sets["forget"], attack)},
             {"method": "retain reference", **attacked(reference, reference.model, sets["forget"], attack)}]  # fmt: skip
     wanted = args.methods.split(",")
