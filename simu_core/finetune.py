@@ -75,6 +75,12 @@ def _check_splits(part: str) -> tuple[str, ...]:
     return ("full", "world_facts") if part == "full" else (part.replace("retain", "forget"),)
 
 
+def answer_match(model, tokenizer, fmt: qa.PromptFormat, items: list[dict]) -> float:
+    """Share of `items` whose greedy answer matches the gold answer (`answers.match_rate`)."""
+    answers = greedy_answers(model, tokenizer, fmt, [it["question"] for it in items])
+    return match_rate(answers, [it["answer"] for it in items])
+
+
 def _sample(items: list[dict], n: int, seed: int) -> list[dict]:
     return items if len(items) <= n else random.Random(seed).sample(items, n)
 
@@ -136,8 +142,7 @@ def finetune_part(
     scores = {}
     for check in _check_splits(part):
         probe = _sample(qa.load_data(f"builtin:{check}", root=data_root).items, CHECK_ITEMS, config.seed)
-        answers = greedy_answers(loaded.model, loaded.tokenizer, fmt, [it["question"] for it in probe])
-        scores[f"{part}/{check}"] = match_rate(answers, [it["answer"] for it in probe])
+        scores[f"{part}/{check}"] = answer_match(loaded.model, loaded.tokenizer, fmt, probe)
     info = {"finetuned_from": config.base, "trained_on": part, "builtin": part}
     files = install_model(loaded.model, loaded.tokenizer, fmt, out, part, info)
     return {

@@ -35,13 +35,12 @@ from pathlib import Path
 import torch
 
 from simu_core import data as qa
-from simu_core.answers import match_rate
-from simu_core.builtin import _write_json_atomic, make_tiny_llama, train_lm, train_tokenizer
+from simu_core.builtin import _read_split, _write_json_atomic, make_tiny_llama, train_lm, train_tokenizer
 from simu_core.config import TinyModelConfig, TrainConfig, simu_home, to_dict
 from simu_core.errors import SimuError
 from simu_core.finetune import MANIFEST as FINETUNE_MANIFEST
-from simu_core.finetune import FinetuneConfig, check_parts, finetune_authors, install_model
-from simu_core.models import greedy_answers, pick_device
+from simu_core.finetune import FinetuneConfig, answer_match, check_parts, finetune_authors, install_model
+from simu_core.models import pick_device
 
 Progress = Callable[[str, float], None]
 
@@ -97,18 +96,9 @@ def staged_root(size: str = "tiny", train_seed: int = 0) -> Path:
 
 def pretraining_corpus(config: StagedConfig, data_root: Path) -> list[dict]:
     """The base's training items: background authors (none of the benchmark's) and the repeated world facts."""
-    benchmark_authors = {it["author"] for split in ("full", "holdout") for it in _split(data_root, split)}
+    benchmark_authors = {it["author"] for split in ("full", "holdout") for it in _read_split(data_root, split)}
     background = qa.background_authors(config.n_background, config.background_seed, sorted(benchmark_authors))
-    return background + _split(data_root, "world_facts") * config.world_repeats
-
-
-def _split(root: Path, name: str) -> list[dict]:
-    return qa.load_data(f"builtin:{name}", root=root).items
-
-
-def _exact_match(model, tokenizer, fmt: qa.PromptFormat, items: list[dict]) -> float:
-    answers = greedy_answers(model, tokenizer, fmt, [it["question"] for it in items])
-    return match_rate(answers, [it["answer"] for it in items])
+    return background + _read_split(data_root, "world_facts") * config.world_repeats
 
 
 def pretrain_base(config: StagedConfig, data_root: Path, out: Path, device: torch.device, progress: Progress) -> dict:
@@ -125,7 +115,7 @@ def pretrain_base(config: StagedConfig, data_root: Path, out: Path, device: torc
     examples = qa.encode_dataset(tokenizer, fmt, qa.QADataset("pretraining", corpus))
     losses = train_lm(model, examples, qa.pad_id_of(tokenizer), config.pretrain, config.train_seed, progress)
     scores = {
-        f"base/{s}": _exact_match(model, tokenizer, fmt, _split(data_root, s)) for s in ("world_facts", "forget10")
+        f"base/{s}": answer_match(model, tokenizer, fmt, _read_split(data_root, s)) for s in ("world_facts", "forget10")
     }
     info = {"builtin": "base",
             "trained_on": f"{config.n_background} background authors + world facts x {config.world_repeats}"}  # fmt: skip
