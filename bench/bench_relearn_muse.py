@@ -50,7 +50,8 @@ def attacked(loaded, model, forget: qa.QADataset, attack: RelearnConfig) -> dict
 def at_muse(run: dict, settings: dict, base, sets: dict, attack: RelearnConfig) -> dict:
     """`run` made again up to its MUSE checkpoint, checked against the stored point, then attacked."""
     point = run["muse"]
-    config = run_config(run["method"], run["seed"], settings, sets["retain_spec"], point["step"], 0)
+    config = run_config(run["method"], run["seed"], settings, sets["retain_spec"], point["step"], 0,
+                        run.get("overrides"))  # a run of `bench_tradeoff.py --tuned` at its pick  # fmt: skip
     start = time.perf_counter()
     result = unlearn(base, sets["forget"], sets["retain"], config)
     again = checkpoint_scores(result.model, result.model.model, sets["scored"], settings["items"])

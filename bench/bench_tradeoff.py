@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -52,28 +54,61 @@ PROBE = "forget/fact_probe"  # teacher-forced: is the fact's value still the top
 PAIRS = (("simu", "so_graddiff"), ("simu", "fo_graddiff"), ("simu_paper", "so_graddiff"),
          ("simu_paper", "fo_graddiff"), ("simu", "random_mask"), ("simu_paper", "random_mask_paper"))  # fmt: skip
 READINGS = {"muse": "MUSE", "em_stop": "EM stop"}  # MUSE's checkpoint; the quality table's EM stop
-SAME_RUNS = ("steps", "every", "items", "split", "set", "root")  # settings that make stored runs reusable
+# Settings that make stored runs reusable, with the value of files written before the setting existed.
+SAME_RUNS = {"steps": None, "every": None, "items": None, "split": None, "set": [], "root": None, "stop_read": False}
+# A random-mask control runs at its method's pick (`--tuned`).
+CONTROL_OF = {"random_mask": "simu", "random_mask_paper": "simu_paper"}
 
 
-def run_config(method: str, seed: int, settings: dict, retain_spec: str, steps: int, every: int):
-    """`method`'s preset with this bench's settings (`--set`, split, items), `steps` steps and no early stop."""
-    config = preset_config(method, **{**parse_settings(settings["set"]), "forget": f"builtin:{settings['split']}",
-                                      "steps": steps, "retain": retain_spec, "seed": seed, "curve_every": every,
+def run_config(
+    method: str, seed: int, settings: dict, retain_spec: str, steps: int, every: int, overrides: dict | None = None
+):
+    """`method`'s preset with this bench's settings (`--set`, split, items), `overrides` (e.g. a tuned lr and
+    retain weight), `steps` steps and no early stop."""
+    config = preset_config(method, **{**parse_settings(settings["set"]), **(overrides or {}),
+                                      "forget": f"builtin:{settings['split']}", "steps": steps,
+                                      "retain": retain_spec, "seed": seed, "curve_every": every,
                                       "curve_items": settings["items"]})  # fmt: skip
     config.stop_forget_em = None
     return config
 
 
-def curve_of(method: str, seed: int, base, sets: dict, args) -> dict:
-    """One run of `method` with a curve point every `args.every` steps (the original model's point first)."""
-    config = run_config(method, seed, vars(args), sets["retain_spec"], args.steps, args.every)
+def curve_of(
+    method: str, seed: int, base, sets: dict, args, overrides: dict | None = None, stop_at: dict | None = None
+) -> dict:
+    """One run of `method` with a curve point every `args.every` steps (the original model's point first).
+
+    `stop_at` {score: target}: end the run once every score has been at or below its target at some curve
+    point (the readings are taken by then; later points would not be read)."""
+    config = run_config(method, seed, vars(args), sets["retain_spec"], args.steps, args.every, overrides)
+    cancel, met = threading.Event(), set()
+
+    def stop_once_read(record) -> None:
+        met.update(k for k, target in (stop_at or {}).items() if (record.curve or {}).get(k, math.inf) <= target)
+        if stop_at and met == set(stop_at):
+            cancel.set()
+
     start = time.perf_counter()
-    result = unlearn(base, sets["forget"], sets["retain"], config, curve_sets={"world_facts": sets["world_facts"]})
+    result = unlearn(base, sets["forget"], sets["retain"], config, curve_sets={"world_facts": sets["world_facts"]},
+                     callback=stop_once_read, cancel=cancel)  # fmt: skip
     points = [{"step": 0, **sets["original"]}, *curve_points([r.to_dict() for r in result.history])]
     summary = result.summary()
     return {"method": method, "seed": seed, "status": result.status, "steps_done": len(result.history),
             "rho": result.config.rho, "unclipped_mean": summary.get("unclipped_mean"),
-            "seconds": round(time.perf_counter() - start, 1), "points": points}  # fmt: skip
+            "overrides": overrides or {}, "seconds": round(time.perf_counter() - start, 1), "points": points}  # fmt: skip
+
+
+def bench_sets(split: str, root: str | None, items: int) -> tuple:
+    """The base model `builtin:full` (under `root`), the split's forget / retain / world-facts sets with the
+    original model's scores ("original"), and its retain reference's scores (`checkpoint_scores`, `items` each)."""
+    specs = builtin_companions(f"builtin:{split}")
+    base = load_model("builtin:full", device="cpu", root=root)
+    sets = {name: qa.load_data(specs[name], root=root) for name in ("forget", "retain", "world_facts")}
+    scored = dict(sets)
+    sets["retain_spec"] = specs["retain"]
+    sets["original"] = checkpoint_scores(base, base.model, scored, items)
+    reference_model = load_model(default_reference("builtin:full", f"builtin:{split}"), device="cpu", root=root)
+    return base, sets, checkpoint_scores(reference_model, reference_model.model, scored, items)
 
 
 def readings(run: dict, reference_rouge: float) -> dict:
@@ -171,14 +206,27 @@ def pooled_runs(paths: list[str]) -> list[dict]:
     return runs
 
 
+def tuned_picks(path: str | None, methods: list[str]) -> dict | None:
+    """Each method's tuned settings from `bench/tune_equal.py`'s JSON (a control takes its method's), or None."""
+    if not path:
+        return None
+    picks = json.loads(Path(path).read_text(encoding="utf-8"))["picks"]
+    missing = [m for m in methods if picks.get(CONTROL_OF.get(m, m)) is None]
+    if missing:
+        raise SystemExit(f"{path} has no pick for {', '.join(missing)}: tune it first (bench/tune_equal.py).")
+    return {m: picks[CONTROL_OF.get(m, m)] for m in methods}
+
+
 def stored_runs(args) -> list[dict]:
-    """The runs in --out made with the same settings (none if the file is absent or differs)."""
+    """The runs in --out made with the same settings and, each, its method's current pick (`--tuned`; none:
+    the preset); none if the file is absent or its settings differ."""
     path = Path(args.out)
     if not path.exists():
         return []
     stored = json.loads(path.read_text(encoding="utf-8"))
-    same = all(stored["settings"].get(k, None if k == "root" else []) == getattr(args, k) for k in SAME_RUNS)
-    return stored["runs"] if same else []
+    if any(stored["settings"].get(k, old) != getattr(args, k) for k, old in SAME_RUNS.items()):
+        return []
+    return [r for r in stored["runs"] if r.get("overrides", {}) == (args.picks or {}).get(r["method"], {})]
 
 
 def main() -> None:
@@ -194,6 +242,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting on top of every method's preset (e.g. rho_share=0.3); give --out too")  # fmt: skip
+    parser.add_argument("--tuned", default=None, help="bench/tune_equal.py's JSON: every method at its pick from that "
+                        "equal grid instead of its preset (a random-mask control at its method's); give --out too")  # fmt: skip
+    parser.add_argument(
+        "--stop-read",
+        action="store_true",
+        help="end each run once it has reached both readings (saves the steps no reading uses)",
+    )
     parser.add_argument("--out", default=None, help="default bench/results/tradeoff.json (other splits: _<split>)")
     parser.add_argument("--html", default=None, help="default results/tradeoff/curves.html (other splits: _<split>)")
     parser.add_argument("--plot-only", action="store_true", help="compute nothing: draw --html from the runs in --out")
@@ -203,6 +258,7 @@ def main() -> None:
     if args.pool:
         runs = pooled_runs(args.pool.split(","))
         return print(means_markdown(runs) + "\n\n" + paired_markdown(paired_readings(runs)))
+    args.picks = tuned_picks(args.tuned, args.methods.split(","))
     suffix = "" if args.split == "forget10" else f"_{args.split}"
     args.out = args.out or str(_common.RESULTS / f"tradeoff{suffix}.json")
     args.html = args.html or str(_common.REPO / "results" / "tradeoff" / f"curves{suffix}.html")
@@ -211,22 +267,16 @@ def main() -> None:
         return plot(stored["runs"], stored["reference"], args)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
-    specs = builtin_companions(f"builtin:{args.split}")
-    base = load_model("builtin:full", device="cpu", root=args.root)
-    sets = {name: qa.load_data(specs[name], root=args.root) for name in ("forget", "retain", "world_facts")}
-    sets["retain_spec"] = specs["retain"]
-    scored = {k: sets[k] for k in ("forget", "retain", "world_facts")}
-    sets["original"] = checkpoint_scores(base, base.model, scored, args.items)
-    reference_spec = default_reference("builtin:full", f"builtin:{args.split}")
-    reference_model = load_model(reference_spec, device="cpu", root=args.root)
-    reference = checkpoint_scores(reference_model, reference_model.model, scored, args.items)
+    base, sets, reference = bench_sets(args.split, args.root, args.items)
     runs = stored_runs(args)
     done = {(r["method"], r["seed"]) for r in runs}
     for seed in range(1, args.seeds + 1):
         for method in args.methods.split(","):
             if (method, seed) in done:
                 continue
-            run = curve_of(method, seed, base, sets, args)
+            stop_at = {"forget/rouge_l": reference["forget/rouge_l"], "forget/exact_match": 0.05}
+            run = curve_of(method, seed, base, sets, args, (args.picks or {}).get(method),
+                           stop_at if args.stop_read else None)  # fmt: skip
             runs.append({**run, **readings(run, reference["forget/rouge_l"])})
             print(f"{method} seed {seed}: {run['steps_done']} steps, {run['seconds']} s", flush=True)
             table = markdown(runs, reference)  # written after every run: a long job keeps what it did

@@ -687,6 +687,23 @@ def paired_difference(records: Sequence[dict], split: str, a: str, b: str, metri
     return {"diff": mean, "low": low, "high": high, "n": len(diffs), "word": word}
 
 
+def pick_tuned(points: Sequence[dict], kept: Sequence[str], probe: str) -> dict | None:
+    """The tuning rule of the equal grid (issue 17): of the grid points (each {"muse": checkpoint scores or
+    None, ...}), the one whose checkpoint keeps the most (mean of the `kept` scores), ties to the lower
+    `probe` (less of the forget facts left), then to the earlier step; None when no point reached it."""
+    reached = [p for p in points if p["muse"]]
+    if not reached:
+        return None
+    # rounded so that equal shares of items tie exactly (0.94 + 1.00 and 0.98 + 0.96 in floating point)
+    return max(reached, key=lambda p: (round(kept_mean(p["muse"], kept), 9), -p["muse"].get(probe, 0.0),
+                                       -p["muse"]["step"]))  # fmt: skip
+
+
+def kept_mean(scores: dict, kept: Sequence[str]) -> float:
+    """The mean of the `kept` scores (e.g. retain and world-facts exact match) of one checkpoint."""
+    return sum(scores[k] for k in kept) / len(kept)
+
+
 def _wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval of a proportion (95% by default)."""
     p = successes / n

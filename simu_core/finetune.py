@@ -172,7 +172,7 @@ def finetune_authors(
     (out / "models").mkdir(parents=True, exist_ok=True)
     shutil.copytree(data_root / "data", out / "data", dirs_exist_ok=True)  # the splits the parts are scored on
     settings = json.loads(json.dumps(to_dict(config)))  # as the manifest stores it (tuples become lists)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out / MANIFEST)
     if not same_but_parts(manifest.get("config"), settings):
         manifest = {"parts": {}}
     manifest["config"] = settings
@@ -200,8 +200,8 @@ def same_but_parts(stored: dict | None, settings: dict) -> bool:
     return stored is not None and {**stored, "parts": None} == {**settings, "parts": None}
 
 
-def _read_manifest(out: Path) -> dict:
-    path = out / MANIFEST
+def read_manifest(path: Path) -> dict:
+    """A build's JSON manifest, or {} when it is not written yet."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 

@@ -39,7 +39,14 @@ from simu_core.builtin import _read_split, _write_json_atomic, make_tiny_llama, 
 from simu_core.config import TinyModelConfig, TrainConfig, simu_home, to_dict
 from simu_core.errors import SimuError
 from simu_core.finetune import MANIFEST as FINETUNE_MANIFEST
-from simu_core.finetune import FinetuneConfig, answer_match, check_parts, finetune_authors, install_model
+from simu_core.finetune import (
+    FinetuneConfig,
+    answer_match,
+    check_parts,
+    finetune_authors,
+    install_model,
+    read_manifest,
+)
 from simu_core.models import pick_device
 
 Progress = Callable[[str, float], None]
@@ -145,7 +152,7 @@ def build_staged(
     torch_device = pick_device(device)
     (out / "models").mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(to_dict(config)))  # as stored (tuples become lists)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out / MANIFEST)
     if (
         _base_settings(manifest.get("config") or {}) != _base_settings(settings)
         or not (out / "models" / "base").is_dir()
@@ -171,8 +178,3 @@ def build_staged(
 def _base_settings(settings: dict) -> dict:
     """The settings the base depends on (not the fine-tune's, which `finetune_authors` keys its parts by)."""
     return {k: v for k, v in settings.items() if k not in ("finetune", "rehearse_world", "parts")}
-
-
-def _read_manifest(out: Path) -> dict:
-    path = out / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

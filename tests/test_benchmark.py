@@ -403,3 +403,33 @@ def test_the_table_shows_sophias_unclipped_share_and_no_interval_for_it():
     both = [_record("simu", s, 0.0, 0.5) | {"unclipped_mean": 0.01} for s in (1, 2)] + records[:2]
     paired = benchmark.paired_text([r | {"n_items": {"forget": 20, "retain": 20}} for r in both], qc)
     assert "simu − so_graddiff" in paired and "unclipped" not in paired
+
+
+KEPT = ("retain/exact_match", "world_facts/exact_match")
+
+
+def _grid_point(lr: float, muse: dict | None) -> dict:
+    return {"lr": lr, "muse": muse}
+
+
+def _checkpoint(step: int, retain: float, world: float, probe: float) -> dict:
+    return {"step": step, "retain/exact_match": retain, "world_facts/exact_match": world, "forget/fact_probe": probe}
+
+
+def test_the_tuning_rule_picks_the_point_that_keeps_most_at_the_checkpoint():
+    points = [_grid_point(1e-4, None),  # never forgot enough: not a candidate however much it kept
+              _grid_point(3e-4, _checkpoint(200, 1.0, 0.6, 0.1)),  # keeps 0.80
+              _grid_point(1e-3, _checkpoint(90, 0.9, 0.8, 0.3))]  # keeps 0.85  # fmt: skip
+    assert benchmark.pick_tuned(points, KEPT, "forget/fact_probe")["lr"] == 1e-3
+
+
+def test_the_tuning_rule_breaks_ties_by_less_left_then_by_the_earlier_step():
+    # (0.1 + 0.2) / 2 is 0.15000000000000002 in floating point: still a tie with (0.3 + 0.0) / 2
+    tie = [_grid_point(1e-4, _checkpoint(50, 0.1, 0.2, 0.3)), _grid_point(3e-4, _checkpoint(80, 0.3, 0.0, 0.1))]
+    assert benchmark.pick_tuned(tie, KEPT, "forget/fact_probe")["lr"] == 3e-4
+    same = [_grid_point(1e-4, _checkpoint(80, 0.9, 0.8, 0.1)), _grid_point(3e-4, _checkpoint(40, 0.9, 0.8, 0.1))]
+    assert benchmark.pick_tuned(same, KEPT, "forget/fact_probe")["lr"] == 3e-4
+
+
+def test_the_tuning_rule_picks_nothing_when_no_point_reached_the_checkpoint():
+    assert benchmark.pick_tuned([_grid_point(1e-4, None)], KEPT, "forget/fact_probe") is None
