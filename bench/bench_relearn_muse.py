@@ -28,12 +28,10 @@ from pathlib import Path
 import _common
 import torch
 from bench_relearn import with_forget_known
-from bench_tradeoff import run_config
+from bench_tradeoff import bench_models, run_config
 
 from simu_core import data as qa
-from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.metrics.curve import checkpoint_scores
-from simu_core.models import load_model
 from simu_core.relearn import RelearnConfig, relearning_attack
 from simu_core.unlearn import unlearn
 
@@ -88,14 +86,9 @@ def main() -> None:
     load_start = os.getloadavg()
     stored = json.loads(Path(args.tradeoff).read_text(encoding="utf-8"))
     settings = {"set": [], **stored["settings"]}
-    specs = builtin_companions(f"builtin:{settings['split']}")
-    root = settings.get("root")  # the built-in cache the trade-off ran on (a two-stage build, or the default's)
-    base = load_model("builtin:full", device="cpu", root=root)
-    sets = {name: qa.load_data(specs[name], root=root) for name in ("forget", "retain", "world_facts")}
-    sets["retain_spec"] = specs["retain"]
-    sets["scored"] = {k: sets[k] for k in ("forget", "retain", "world_facts")}
+    # on the built-in cache the trade-off ran on (a two-stage build, or the default's)
+    base, sets, reference = bench_models(settings["split"], settings.get("root"))
     attack = RelearnConfig(steps=args.attack_steps, lr=args.attack_lr, seed=0, max_new_tokens=32)
-    reference = load_model(default_reference("builtin:full", f"builtin:{settings['split']}"), device="cpu", root=root)
     rows = [{"method": "original", **attacked(base, base.model, sets["forget"], attack)},
             {"method": "retain reference", **attacked(reference, reference.model, sets["forget"], attack)}]  # fmt: skip
     wanted = args.methods.split(",")

@@ -84,13 +84,13 @@ def curve_of(
     cancel, met = threading.Event(), set()
 
     def stop_once_read(record) -> None:
-        met.update(k for k, target in (stop_at or {}).items() if (record.curve or {}).get(k, math.inf) <= target)
-        if stop_at and met == set(stop_at):
+        met.update(k for k, target in stop_at.items() if (record.curve or {}).get(k, math.inf) <= target)
+        if met == set(stop_at):
             cancel.set()
 
     start = time.perf_counter()
     result = unlearn(base, sets["forget"], sets["retain"], config, curve_sets={"world_facts": sets["world_facts"]},
-                     callback=stop_once_read, cancel=cancel)  # fmt: skip
+                     callback=stop_once_read if stop_at else None, cancel=cancel)  # fmt: skip
     points = [{"step": 0, **sets["original"]}, *curve_points([r.to_dict() for r in result.history])]
     summary = result.summary()
     return {"method": method, "seed": seed, "status": result.status, "steps_done": len(result.history),
@@ -98,17 +98,24 @@ def curve_of(
             "overrides": overrides or {}, "seconds": round(time.perf_counter() - start, 1), "points": points}  # fmt: skip
 
 
-def bench_sets(split: str, root: str | None, items: int) -> tuple:
-    """The base model `builtin:full` (under `root`), the split's forget / retain / world-facts sets with the
-    original model's scores ("original"), and its retain reference's scores (`checkpoint_scores`, `items` each)."""
+def bench_models(split: str, root: str | None) -> tuple:
+    """The base model `builtin:full` (under `root`), the split's forget / retain / world-facts sets (with
+    "retain_spec", and "scored": the three sets each checkpoint is scored on), and its retain reference model."""
     specs = builtin_companions(f"builtin:{split}")
     base = load_model("builtin:full", device="cpu", root=root)
     sets = {name: qa.load_data(specs[name], root=root) for name in ("forget", "retain", "world_facts")}
-    scored = dict(sets)
+    sets["scored"] = dict(sets)
     sets["retain_spec"] = specs["retain"]
-    sets["original"] = checkpoint_scores(base, base.model, scored, items)
-    reference_model = load_model(default_reference("builtin:full", f"builtin:{split}"), device="cpu", root=root)
-    return base, sets, checkpoint_scores(reference_model, reference_model.model, scored, items)
+    reference = load_model(default_reference("builtin:full", f"builtin:{split}"), device="cpu", root=root)
+    return base, sets, reference
+
+
+def bench_sets(split: str, root: str | None, items: int) -> tuple:
+    """`bench_models`, with the original model's scores in the sets ("original") and the reference's scores
+    in place of its model (`checkpoint_scores`, `items` per set)."""
+    base, sets, reference = bench_models(split, root)
+    sets["original"] = checkpoint_scores(base, base.model, sets["scored"], items)
+    return base, sets, checkpoint_scores(reference, reference.model, sets["scored"], items)
 
 
 def readings(run: dict, reference_rouge: float) -> dict:
@@ -270,13 +277,13 @@ def main() -> None:
     base, sets, reference = bench_sets(args.split, args.root, args.items)
     runs = stored_runs(args)
     done = {(r["method"], r["seed"]) for r in runs}
+    both_read = {"forget/rouge_l": reference["forget/rouge_l"], "forget/exact_match": 0.05}  # the two readings
     for seed in range(1, args.seeds + 1):
         for method in args.methods.split(","):
             if (method, seed) in done:
                 continue
-            stop_at = {"forget/rouge_l": reference["forget/rouge_l"], "forget/exact_match": 0.05}
             run = curve_of(method, seed, base, sets, args, (args.picks or {}).get(method),
-                           stop_at if args.stop_read else None)  # fmt: skip
+                           both_read if args.stop_read else None)  # fmt: skip
             runs.append({**run, **readings(run, reference["forget/rouge_l"])})
             print(f"{method} seed {seed}: {run['steps_done']} steps, {run['seconds']} s", flush=True)
             table = markdown(runs, reference)  # written after every run: a long job keeps what it did

@@ -43,6 +43,11 @@ def point_settings(method: str, lr: float, gamma: float, rho_share: float | None
     return {"lr": lr, "gamma": gamma, **({"rho_share": rho_share} if second_order and rho_share else {})}
 
 
+def has_point(points: list[dict], method: str, overrides: dict) -> bool:
+    """Whether `points` already hold `method` at these settings."""
+    return any(p["method"] == method and p["overrides"] == overrides for p in points)
+
+
 def picks_of(points: list[dict]) -> dict:
     """{method: the overrides of its picked point} for every method with a point that reached the checkpoint."""
     methods = dict.fromkeys(p["method"] for p in points)
@@ -89,7 +94,7 @@ def merge(paths: list[str], out: str) -> None:
         )
     points = []
     for p in (p for s in stored for p in s["points"]):
-        if not any(q["method"] == p["method"] and q["overrides"] == p["overrides"] for q in points):
+        if not has_point(points, p["method"], p["overrides"]):
             points.append(p)
     picks = picks_of(points)
     grid = {"methods": ",".join(dict.fromkeys(p["method"] for p in points)), "out": out,
@@ -131,7 +136,7 @@ def main() -> None:
             for g in args.gammas.split(",")]  # fmt: skip
     for method, lr, gamma in grid:
         overrides = point_settings(method, lr, gamma, args.rho_share)
-        if any(p["method"] == method and p["overrides"] == overrides for p in points):
+        if has_point(points, method, overrides):
             continue
         run = curve_of(method, args.seed, base, sets, args, overrides, {"forget/rouge_l": reference["forget/rouge_l"]})
         points.append({**run, "lr": lr, "gamma": gamma, "muse": readings(run, reference["forget/rouge_l"])["muse"]})
