@@ -39,8 +39,9 @@ import _common
 import torch
 
 from simu_core import data as qa
-from simu_core.benchmark import paired_difference
+from simu_core.benchmark import paired_difference, read_tuned
 from simu_core.config import parse_settings
+from simu_core.errors import SimuError
 from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.figures import curve_points, tradeoff_figure, write_figures
 from simu_core.metrics.curve import checkpoint_scores, first_reaching
@@ -56,8 +57,6 @@ PAIRS = (("simu", "so_graddiff"), ("simu", "fo_graddiff"), ("simu_paper", "so_gr
 READINGS = {"muse": "MUSE", "em_stop": "EM stop"}  # MUSE's checkpoint; the quality table's EM stop
 # Settings that make stored runs reusable, with the value of files written before the setting existed.
 SAME_RUNS = {"steps": None, "every": None, "items": None, "split": None, "set": [], "root": None, "stop_read": False}
-# A random-mask control runs at its method's pick (`--tuned`).
-CONTROL_OF = {"random_mask": "simu", "random_mask_paper": "simu_paper"}
 
 
 def run_config(
@@ -214,14 +213,15 @@ def pooled_runs(paths: list[str]) -> list[dict]:
 
 
 def tuned_picks(path: str | None, methods: list[str]) -> dict | None:
-    """Each method's tuned settings from `bench/tune_equal.py`'s JSON (a control takes its method's), or None."""
+    """Each method's tuned settings from `bench/tune_equal.py`'s JSON (a control takes its method's; the step
+    budget is this bench's `--steps`), or None."""
     if not path:
         return None
-    picks = json.loads(Path(path).read_text(encoding="utf-8"))["picks"]
-    missing = [m for m in methods if picks.get(CONTROL_OF.get(m, m)) is None]
-    if missing:
-        raise SystemExit(f"{path} has no pick for {', '.join(missing)}: tune it first (bench/tune_equal.py).")
-    return {m: picks[CONTROL_OF.get(m, m)] for m in methods}
+    try:
+        tuned = read_tuned(path, methods)
+    except SimuError as error:
+        raise SystemExit(str(error)) from None
+    return {m: {k: v for k, v in settings.items() if k != "steps"} for m, settings in tuned.items()}
 
 
 def stored_runs(args) -> list[dict]:

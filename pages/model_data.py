@@ -28,6 +28,7 @@ from simu_core import data as qa
 from simu_core.arch import count_parameters, model_type_of, neuron_widths
 from simu_core.knowledge_check import DEFAULT_SAMPLE
 from simu_core.models import BUILTIN_MODELS, PRETRAINED_BUILTINS
+from simu_core.pretrain import staged_models
 
 require_entrypoint()
 st.header("1 · Model & data")
@@ -74,10 +75,12 @@ def default_split(role: str, model_spec: str) -> str:
 def match_data_to_model(model_spec: str) -> list[str]:
     """Built-in forget/retain splits of the wrong benchmark for this model go to its default ones.
 
-    builtin:smollm2 knows no fictitious author, and the tiny models know none of SmolLM2's facts; uploads and
-    datasets are left alone, and so is everything for a folder or hub model. Returns the roles switched.
+    builtin:smollm2 knows no fictitious author, and the tiny models (and the two-stage builds' ones) know none
+    of SmolLM2's facts; uploads and datasets are left alone, and so is everything for another folder or a hub
+    model. Returns the roles switched.
     """
-    if model_spec not in TINY_BUILTINS and benchmark_of_model(model_spec) is None:
+    authors_model = model_spec in TINY_BUILTINS or model_spec in {str(folder) for folder in staged_models()}
+    if not authors_model and benchmark_of_model(model_spec) is None:
         return []
     switched = []
     for role in ROLES:
@@ -113,6 +116,13 @@ def use_model(spec: str) -> None:
     if switched:
         which = " and ".join(f"{role} = `{st.session_state[f'{role}_spec']}`" for role in switched)
         st.session_state["data_switched"] = f"The built-in data now match `{spec}`: {which}."
+
+
+def pick_staged() -> None:
+    """Callback of the two-stage picker: the chosen build's model goes into the folder field."""
+    if st.session_state["staged_pick"]:
+        st.session_state[SPEC_INPUT["Local folder"]] = st.session_state["staged_pick"]
+        remember(SPEC_INPUT["Local folder"])
 
 
 if all(st.session_state[key] == value for key, value in SCENARIO.items()):
@@ -157,6 +167,20 @@ if source == "Built-in":
         )
 else:
     keep_widget(SPEC_INPUT[source], in_use if source_of(in_use) == source else "")
+    staged = [str(folder) for folder in staged_models()] if source == "Local folder" else []
+    if staged:
+        st.selectbox(
+            "Two-stage built-ins on this machine",
+            staged,
+            index=None,
+            placeholder="pick one to fill in its folder",
+            key="staged_pick",
+            on_change=pick_staged,
+            format_func=lambda folder: f"{Path(folder).parents[1].name} · full",
+            help="Tiny Llamas pretrained on world knowledge and generic text, then fine-tuned on the authors "
+            "(TOFU's regime), built with `python -m simu_core build-staged`. Evaluation compares them with their "
+            "own build's retain references; the built-in splits are their data.",
+        )
     if source == "Local folder":
         label, placeholder, help = "Folder written by save_pretrained (safetensors weights)", "/path/to/model", None
     else:

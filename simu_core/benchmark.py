@@ -20,6 +20,13 @@ method), `<out>/quality.md` (the table and a matched-efficacy verdict) and `<out
 forget EM vs retain EM, one point per run, the two reference rows as reference points).
 
 The presets were tuned with seed `TUNING_SEED` (0); the table uses other seeds (1, 2, 3 by default).
+
+Three options make it issue 17's fair test (`QualityConfig`): `tuned`, every method at its pick from one
+equal grid (`bench/tune_equal.py`, `read_tuned`) instead of its preset; `stop="muse"`, each run ends at
+MUSE's matched-forgetting point (the forget set's greedy ROUGE-L at or below the retain reference's,
+`unlearn.forget_rouge` on both) instead of the preset's forget-EM target; `relearn`, every cell (the
+reference rows too) also takes the relearning attack (`relearn.relearning_attack`, the benchmark's
+`relearn` settings): what comes back on the held-out half of the forget set after a few steps on the other.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from simu_core.config import to_dict
 from simu_core.errors import SimuError
 from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.metrics import EvalConfig, Report, evaluate
+from simu_core.relearn import RelearnConfig, relearning_attack
 
 QUALITY_METHODS = ("simu", "so_graddiff", "fo_graddiff", "ga", "npo", "random_mask")
 # the real-knowledge table's default: both SIMU variants with their controls, and the unmasked GradDiffs
@@ -60,6 +68,9 @@ PAIRED_COMPARISONS = (
     ("simu_paper", "random_mask_paper"), ("simu_paper", "so_graddiff"), ("simu_paper", "fo_graddiff"),
 )  # fmt: skip
 REFERENCE_ROWS = ("original", "retain_reference")
+STOPS = ("em", "muse")  # a method cell's early stop: its preset's forget-EM target, or MUSE's rule (see module doc)
+# a random-mask control runs at its method's settings
+CONTROL_OF = {"random_mask": "simu", "random_mask_paper": "simu_paper"}
 TUNING_SEED = 0  # the seed the presets in simu_core/unlearn.py were tuned with
 # Bump when a cell's meaning changes, so old cell files count as stale. 2: the metric fixes of issue 14
 # (PrivLeak's denominator, EOS out of Min-K% / EM / ES, stemmed ROUGE-L, the world-facts truth ratio on
@@ -80,6 +91,7 @@ TABLE_COLUMNS = (
     ("retain/rouge_l", "retain ROUGE-L ↑", 3),
     ("world_facts/exact_match", "world facts EM ↑", 3),
     ("privleak", "PrivLeak (→0)", 1),
+    ("relearn/heldout_after", "relearned held-out ↓", 3),  # only with the relearning attack (`--relearn`)
     ("unclipped_mean", "Sophia unclipped", 4),
     ("steps_done", "steps", 0),
     ("unlearn_seconds", "unlearn s", 1),
@@ -96,6 +108,7 @@ KNOWLEDGE_COLUMNS = (
     ("neighbour/knows", "neighbour known ↑", 3),
     ("general/knows", "general known ↑", 3),
     ("other_capitals/knows", "other capitals known ↑", 3),
+    ("relearn/heldout_after", "relearned held-out ↓", 3),
     ("unclipped_mean", "Sophia unclipped", 4),
     ("steps_done", "steps", 0),
     ("unlearn_seconds", "unlearn s", 1),
@@ -130,6 +143,7 @@ class Benchmark:
     title: str = ""
     forget_metric: str = "forget/exact_match"  # what "matched forgetting" compares
     retain_metric: str = "retain/exact_match"
+    relearn: RelearnConfig = field(default_factory=lambda: RelearnConfig(steps=10, lr=1e-3))  # the attack's settings
 
     def check_split(self, split: str) -> None:
         if split not in (*self.splits, *self.held_out_splits, *self.tuning_splits):
@@ -162,6 +176,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "smollm2", "builtin:smollm2", ("forget",), _knowledge_data, lambda split: None,
         columns=KNOWLEDGE_COLUMNS, tuning_splits=("other_capitals",),
         forget_metric="forget/knows", retain_metric="retain/knows",
+        relearn=RelearnConfig(steps=10, lr=1e-5, max_new_tokens=12),
         title="real-knowledge benchmark (SmolLM2-135M-Instruct: forget Asia's capitals, keep Europe's)",
     ),
 }  # fmt: skip
@@ -177,9 +192,11 @@ def get_benchmark(name: str) -> Benchmark:
 class QualityConfig:
     """What the quality table covers and how it is evaluated.
 
-    `seeds`: unlearning seeds of the cells (never `TUNING_SEED` by default); `overrides`: settings
-    applied on top of every method's preset (e.g. {"steps": 2} for a smoke test; they enter each
-    cell's key); `root`: the built-in cache folder (None: $SIMU_HOME/builtin); `out`: where the
+    `seeds`: unlearning seeds of the cells (never `TUNING_SEED` by default); `tuned`: {method: settings}
+    applied on top of its preset (the equal grid's picks, `read_tuned`); `overrides`: settings applied on
+    top of every method's (e.g. {"steps": 2} for a smoke test; both enter each cell's key); `stop`: "em"
+    (each preset's forget-EM target) or "muse" (MUSE's matched-forgetting point); `relearn`: also run the
+    relearning attack on every cell; `root`: the built-in cache folder (None: $SIMU_HOME/builtin); `out`: where the
     results go; `device`: unlearning and evaluation device (None: best available); `benchmark`: a
     name in `BENCHMARKS` (the built-in authors, or the real-knowledge one on SmolLM2).
     """
@@ -193,6 +210,16 @@ class QualityConfig:
     out: str = "results"
     device: str | None = None
     benchmark: str = "builtin"
+    tuned: dict[str, dict] = field(default_factory=dict)
+    stop: str = "em"
+    relearn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stop not in STOPS:
+            raise SimuError(f"unknown stop '{self.stop}'. Choose one of: {', '.join(STOPS)}.")
+        if self.stop == "muse" and not all(self.bench.reference(split) for split in self.splits):
+            raise SimuError(f"the {self.benchmark} benchmark has no retain reference, so MUSE's stop (the forget "
+                            "set's ROUGE-L at the reference's) cannot be read there: use the default stop (em).")  # fmt: skip
 
     @property
     def bench(self) -> Benchmark:
@@ -231,17 +258,19 @@ class QualityResult:
 # --------------------------------------------------------------------------------------------
 
 
-def cell_config(cell: Cell, qc: QualityConfig):
-    """The `UnlearnConfig` of a method cell: the method's preset (for the benchmark's model), the split's
-    forget and retain data, the cell's seed."""
+def cell_config(cell: Cell, qc: QualityConfig, stop_rouge: float | None = None):
+    """The `UnlearnConfig` of a method cell: the method's preset (for the benchmark's model) with its tuned
+    settings, the split's forget and retain data, the cell's seed; with `qc.stop == "muse"`, no forget-EM
+    target but `stop_rouge` (the retain reference's forget ROUGE-L, `_Context.muse_target`) as the stop."""
     from simu_core.unlearn import preset_config
 
     bench = qc.bench
     bench.check_split(cell.split)
     data = bench.data(cell.split)
-    return preset_config(
+    config = preset_config(
         cell.method,
         **{
+            **qc.tuned.get(cell.method, {}),
             **qc.overrides,
             "model": bench.base,
             "forget": data["forget"],
@@ -250,16 +279,39 @@ def cell_config(cell: Cell, qc: QualityConfig):
             "device": qc.device,
         },
     )
+    if qc.stop == "muse":
+        config.stop_forget_em, config.stop_forget_rouge = None, stop_rouge
+    return config
 
 
-def cell_key(cell: Cell, qc: QualityConfig, fingerprints: dict[str, str]) -> str:
-    """sha256 over everything that determines a cell's numbers (config, eval settings, models)."""
-    unlearn = to_dict(cell_config(cell, qc)) if cell.seed is not None else None  # `later` settings at defaults: out
+def cell_key(cell: Cell, qc: QualityConfig, fingerprints: dict[str, str], stop_rouge: float | None = None) -> str:
+    """sha256 over everything that determines a cell's numbers (config, eval settings, models, attack)."""
+    # `later` settings at their defaults are left out of to_dict, so older keys stay valid
+    unlearn = to_dict(cell_config(cell, qc, stop_rouge)) if cell.seed is not None else None
     payload = {"format": BENCH_FORMAT, "cell": cell.name, "unlearn": unlearn, "eval": to_dict(qc.eval),
                "models": fingerprints}  # fmt: skip
     if qc.benchmark != "builtin":  # the built-in's keys stay as they were before other benchmarks existed
         payload["benchmark"] = [qc.benchmark, KNOWLEDGE_FORMAT]
+    if qc.relearn:  # likewise the keys of tables without the attack
+        payload["relearn"] = to_dict(qc.bench.relearn)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_tuned(path: str | Path, methods: Sequence[str]) -> dict[str, dict]:
+    """{method: its pick's settings, with the grid's step budget} from `bench/tune_equal.py`'s JSON; a
+    random-mask control takes its method's pick. Raises SimuError when the file cannot be read or has no
+    pick for one of `methods`."""
+    try:
+        tuning = json.loads(Path(path).read_text(encoding="utf-8"))
+        picks, steps = tuning["picks"], tuning["settings"]["steps"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SimuError(f"cannot read the tuning picks in {path} ({error}): give the JSON that "
+                        "bench/tune_equal.py writes.") from error  # fmt: skip
+    missing = [m for m in methods if picks.get(CONTROL_OF.get(m, m)) is None]
+    if missing:
+        raise SimuError(f"{path} has no pick for {', '.join(missing)}: tune it first (bench/tune_equal.py --methods "
+                        f"{','.join(dict.fromkeys(CONTROL_OF.get(m, m) for m in missing))}) or leave it out.")  # fmt: skip
+    return {m: {**picks[CONTROL_OF.get(m, m)], "steps": steps} for m in methods}
 
 
 def cells_dir(out: str | Path) -> Path:
@@ -330,6 +382,7 @@ class _Context:
         self._ref_reports: dict[str, Report] = {}
         self._data: dict[str, dict[str, qa.QADataset]] = {}
         self._masks: dict[tuple[str, str], object] = {}
+        self._targets: dict[str, float] = {}
 
     def reference(self, split: str):
         """The retain reference model of `split` (builtin:retainXX), float32; None where there is none."""
@@ -362,6 +415,26 @@ class _Context:
             self._ref_reports[split] = evaluate(ref, self.datasets(split), ref, self.qc.eval)
         return self._ref_reports.get(split)
 
+    def muse_target(self, split: str) -> float | None:
+        """The retain reference's greedy ROUGE-L on `split`'s forget set (`unlearn.forget_rouge`, what the
+        early stop measures): MUSE's matched-forgetting point. None unless the table stops there."""
+        from simu_core.unlearn import forget_rouge
+
+        if self.qc.stop != "muse":
+            return None
+        if split not in self._targets:
+            ref = self.reference(split)  # there is one: QualityConfig checks it
+            self._targets[split] = forget_rouge(ref, ref.model, self.datasets(split)["forget"])
+        return self._targets[split]
+
+    def relearned(self, loaded, model, split: str) -> dict:
+        """The relearning attack's shares on `split`'s forget set as metrics ("relearn/heldout_after", ...);
+        {} unless the table asks for it."""
+        if not self.qc.relearn:
+            return {}
+        row = relearning_attack(loaded, model, self.datasets(split)["forget"], self.bench.relearn)
+        return {f"relearn/{name}": row[name] for name in ("heldout_before", "heldout_after", "trained_after")}
+
     def mask(self, split: str, config):
         """SIMU's selected mask for `split` (attribution runs once per split and mask setting)."""
         from simu_core.unlearn import compute_mask
@@ -373,8 +446,8 @@ class _Context:
         return self._masks[key]
 
 
-def _record(cell: Cell, key: str, report: Report, extra: dict) -> dict:
-    summary = dict(report.summary)
+def _record(cell: Cell, key: str, report: Report, extra: dict, relearned: dict) -> dict:
+    summary = {**report.summary, **relearned}
     fq = summary.get("forget_quality")
     summary["log10_forget_quality"] = math.log10(max(fq, 1e-300)) if fq is not None else None
     return _json_safe({
@@ -389,20 +462,19 @@ def run_reference_cell(cell: Cell, ctx: _Context, key: str) -> dict:
     """Evaluate the original model or the retain reference of `cell.split`."""
     ref_report = ctx.reference_report(cell.split)
     if cell.method == "retain_reference":
-        report = ref_report
-        model = ctx.reference(cell.split).spec
+        report, loaded = ref_report, ctx.reference(cell.split)
     else:
-        report = evaluate(ctx.base, ctx.datasets(cell.split), ref_report, ctx.qc.eval)
-        model = ctx.base.spec
-    extra = {"status": "ok", "model": model, "steps_done": 0, "unlearn_seconds": 0.0}
-    return _record(cell, key, report, extra)
+        report, loaded = evaluate(ctx.base, ctx.datasets(cell.split), ref_report, ctx.qc.eval), ctx.base
+    extra = {"status": "ok", "model": loaded.spec, "steps_done": 0, "unlearn_seconds": 0.0}
+    return _record(cell, key, report, extra, ctx.relearned(loaded, loaded.model, cell.split))
 
 
 def run_method_cell(cell: Cell, ctx: _Context, key: str) -> dict:
-    """Unlearn at the preset with the cell's seed, then evaluate against the retain reference."""
+    """Unlearn at the preset (or the tuned pick) with the cell's seed, then evaluate against the retain
+    reference (and attack, with `relearn`)."""
     from simu_core.unlearn import get_method, unlearn
 
-    config = cell_config(cell, ctx.qc)
+    config = cell_config(cell, ctx.qc, ctx.muse_target(cell.split))
     data = ctx.datasets(cell.split)
     mask = ctx.mask(cell.split, config) if get_method(cell.method).mask is not None else None
     result = unlearn(ctx.base, data["forget"], data["retain"], config, mask=mask)
@@ -416,8 +488,9 @@ def run_method_cell(cell: Cell, ctx: _Context, key: str) -> dict:
         "device": summary["device"], "config": to_dict(config),
         "unclipped_mean": summary["unclipped_mean"],  # Sophia's share of unclipped coordinates (None: AdamW)
     }  # fmt: skip
+    relearned = ctx.relearned(result.model, result.model.model, cell.split)
     del result
-    return _record(cell, key, report, extra)
+    return _record(cell, key, report, extra, relearned)
 
 
 def run_quality(
@@ -437,7 +510,7 @@ def run_quality(
     records, computed, skipped, left_out = [], [], [], []
     spent: list[float] = []
     for i, cell in enumerate(cells):
-        key = cell_key(cell, qc, ctx.fingerprints_for(cell.split))
+        key = cell_key(cell, qc, ctx.fingerprints_for(cell.split), ctx.muse_target(cell.split))
         stored = None if fresh else read_cell(qc.out, cell)
         if stored is not None and stored.get("key") == key:
             records.append(stored)
@@ -490,7 +563,8 @@ def describe_run(qc: QualityConfig, seconds: float) -> dict:
         "benchmark": qc.benchmark,
         "command": "python -m simu_core " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
         "splits": qc.splits, "methods": qc.methods, "seeds": qc.seeds, "tuning_seed": TUNING_SEED,
-        "eval": to_dict(qc.eval), "overrides": qc.overrides,
+        "eval": to_dict(qc.eval), "overrides": qc.overrides, "tuned": qc.tuned, "stop": qc.stop,
+        "relearn": to_dict(qc.bench.relearn) if qc.relearn else None,
         "builtin": {"n_authors": manifest.get("config", {}).get("n_authors"),
                     "model": manifest.get("config", {}).get("model"), "exact_match": manifest.get("exact_match")},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -664,12 +738,13 @@ def verdict_text(aggregate: dict, splits: Sequence[str], bench: Benchmark | None
     return "\n".join(lines)
 
 
-def paired_difference(records: Sequence[dict], split: str, a: str, b: str, metric: str) -> dict:
-    """Method `a` minus method `b` on `metric`, paired by seed (same base model, data and seed), with a
-    95% t-interval over the seeds both ran: {"diff", "low", "high", "n", "word"}; word is "higher" or
-    "lower" when the interval excludes 0, else "no difference" ("n/a" with fewer than 2 pairs, "no spread"
-    when every pair differs by the same amount)."""
-    runs = {m: {r["seed"]: _value(r, metric) for r in records if r["split"] == split and r["method"] == m}
+def paired_difference(records: Sequence[dict], split: str | Sequence[str], a: str, b: str, metric: str) -> dict:
+    """Method `a` minus method `b` on `metric`, paired by split and seed (same base model, data and seed), with
+    a 95% t-interval over the pairs both ran (`split`: one split, or several disjoint ones pooled):
+    {"diff", "low", "high", "n", "word"}; word is "higher" or "lower" when the interval excludes 0, else
+    "no difference" ("n/a" with fewer than 2 pairs, "no spread" when every pair differs by the same amount)."""
+    splits = {split} if isinstance(split, str) else set(split)
+    runs = {m: {(r["split"], r["seed"]): _value(r, metric) for r in records if r["split"] in splits and r["method"] == m}
             for m in (a, b)}  # fmt: skip
     diffs = np.array(
         [runs[a][s] - runs[b][s] for s in sorted(set(runs[a]) & set(runs[b]))
@@ -740,10 +815,28 @@ PAIRED_LEGEND = (
 )
 
 
+def pooled_splits(qc: QualityConfig) -> list[str]:
+    """The table's splits whose pairs may be pooled: two or more, all with disjoint forget authors (the
+    held-out sets and the split the presets were tuned on); [] otherwise (forget01/05/10 are nested)."""
+    disjoint = ("forget10", *qc.bench.held_out_splits)
+    return list(qc.splits) if len(qc.splits) > 1 and all(s in disjoint for s in qc.splits) else []
+
+
+def _seed_intervals(records: Sequence[dict], splits, method: str, other: str, metrics) -> tuple[list[str], int]:
+    """'title diff [low, high] word' for each metric with a t-interval over the pairs, and the pair count."""
+    cells, n = [], 0
+    for key, title in metrics:
+        d = paired_difference(records, splits, method, other, key)
+        n = max(n, d["n"])
+        if d["low"] is not None:
+            cells.append(f"{title} {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['word']}")
+    return cells, n
+
+
 def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
     """Method minus other for each pair of `PAIRED_COMPARISONS` that ran, per split and table metric (steps
     and time left out): a t-interval over seeds, and for shares of items (EM, known) also Newcombe's interval
-    over the items."""
+    over the items; where the splits are disjoint (`pooled_splits`), also over every split's seeds pooled."""
     metrics = [(key, title) for key, title, _ in qc.bench.columns if key not in RUN_COLUMNS]
     lines = []
     for split in qc.splits:
@@ -752,11 +845,9 @@ def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
         for method, other in PAIRED_COMPARISONS:
             if method not in qc.methods or other not in rows or method not in rows:
                 continue
-            seeds, items = [], []
+            seeds, n = _seed_intervals(records, split, method, other, metrics)
+            items = []
             for key, title in metrics:
-                d = paired_difference(records, split, method, other, key)
-                if d["low"] is not None:
-                    seeds.append(f"{title} {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['word']}")
                 role, _, name = key.partition("/")
                 a, b = rows[method].get(key, {}).get("mean"), rows[other].get(key, {}).get("mean")
                 if name in ("knows", "exact_match") and role in n_items and a is not None and b is not None:
@@ -764,9 +855,15 @@ def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
                     items.append(f"{title} {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] {p['word']}")
             pair = f"{split}, {method} − {other}"
             if seeds:
-                lines.append(f"- **{pair}**, over {d['n']} paired seeds: " + "; ".join(seeds) + ".")
+                lines.append(f"- **{pair}**, over {n} paired seeds: " + "; ".join(seeds) + ".")
             if items:
                 lines.append(f"- **{pair}**, over the items (seed means): " + "; ".join(items) + ".")
+    pooled = pooled_splits(qc)
+    for method, other in PAIRED_COMPARISONS if pooled else ():
+        seeds, n = _seed_intervals(records, pooled, method, other, metrics)
+        if seeds:
+            lines.append(f"- **{' + '.join(pooled)} pooled, {method} − {other}**, over {n} pairs (split x seed): "
+                         + "; ".join(seeds) + ".")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -810,6 +907,24 @@ _KNOWLEDGE_LEGEND = (
 )
 
 
+def _protocol_lines(meta: dict) -> list[str]:
+    """The Markdown lines for the fair-test options of the run (tuned picks, MUSE's stop, relearning)."""
+    lines = []
+    if meta.get("tuned"):
+        picks = "; ".join(f"{m} " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
+                          for m, s in meta["tuned"].items())  # fmt: skip
+        lines.append(f"- every method at its pick from one equal tuning grid (bench/tune_equal.py): {picks}")
+    if meta.get("stop") == "muse":
+        lines.append("- stop: MUSE's matched forgetting, the first check (every `eval_every` steps) where the forget "
+                     "set's greedy ROUGE-L is at or below the retain reference's (no forget-EM target)")  # fmt: skip
+    if meta.get("relearn"):
+        r = meta["relearn"]
+        lines.append(f"- relearning attack on every row: {r['steps']} AdamW steps at lr {r['lr']:g} on a seeded "
+                     f"{r['share']:g} of the forget set; *relearned held-out* = share of the other part answered "
+                     "again (the retain reference's value is what the attack teaches from nothing)")  # fmt: skip
+    return lines
+
+
 def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Sequence[dict] = ()) -> str:
     """The whole Markdown page: settings, table, verdict."""
     m = meta["machine"]
@@ -828,6 +943,7 @@ def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Se
         f"- seeds {meta['seeds']} (presets tuned with seed {meta['tuning_seed']}); preset notes: {meta['preset_notes']}",
         f"- evaluation: up to {qc.eval.max_items} items per split (seeded sample {qc.eval.seed}), "
         f"greedy answers of up to {qc.eval.max_new_tokens} tokens",
+        *_protocol_lines(meta),
         f"- torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; device {where}",
         f"- created {meta['created']}, {meta['seconds'] / 60:.1f} min for the cells computed in this call",
         *(

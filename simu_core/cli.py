@@ -555,7 +555,6 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     import threading
 
     from simu_core import distributed
-    from simu_core.evaluation import curve_sets
     from simu_core.runs import run_unlearning
     from simu_core.unlearn import preset_config, validate_config
 
@@ -590,9 +589,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop and save as cancelled
     try:
-        extra = curve_sets(config.forget) if config.curve_every else None
-        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel, curve_sets=extra,
-                                         **given)  # fmt: skip
+        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel, **given)
     finally:
         signal.signal(signal.SIGINT, previous)
     if not group.is_main:
@@ -760,6 +757,15 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                    help="a setting on top of every method's preset, e.g. steps=200 or mask.positions=subject "
                         "(repeatable; enters each cell's key, so give such a table its own --out)")  # fmt: skip
+    p.add_argument("--tuned", default=None, metavar="FILE",
+                   help="every method at its pick from one equal tuning grid (bench/tune_equal.py's JSON; a random "
+                        "mask at its method's) instead of its preset")  # fmt: skip
+    p.add_argument("--stop", choices=("em", "muse"), default="em",
+                   help="em: each preset's forget-EM target (default); muse: stop where the forget set's greedy "
+                        "ROUGE-L reaches the retain reference's (MUSE's matched forgetting)")  # fmt: skip
+    p.add_argument("--relearn", action="store_true",
+                   help="also run the relearning attack on every row (what returns on a held-out half of the "
+                        "forget set after a few steps on the other)")  # fmt: skip
     p.add_argument("--size", choices=("default", "large"), default=None,
                    help="built-in size (default: $SIMU_BUILTIN_SIZE, else default); large wants a GPU")  # fmt: skip
     p.add_argument("--root", default=None, help="a built-in cache folder to use instead of --size's")
@@ -781,6 +787,7 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         QualityConfig,
         ensure_size,
         get_benchmark,
+        read_tuned,
         run_quality,
     )
     from simu_core.knowledge import ensure_knowledge
@@ -794,6 +801,9 @@ def bench_cmd(args: argparse.Namespace) -> dict:
     if args.fresh and args.stored_only:
         raise SimuError("--fresh recomputes every cell and --stored-only computes none: give one of them.")
     builtin = args.benchmark == "builtin"
+    methods = args.methods.split(",") if args.methods else list(QUALITY_METHODS if builtin else KNOWLEDGE_METHODS)
+    methods = [m.strip() for m in methods if m.strip()]
+    tuned = read_tuned(args.tuned, methods) if args.tuned else {}  # before anything loads, like the settings
     splits = args.splits or ("forget01,forget05,forget10" if builtin else "forget")
     if builtin:
         references = [get_benchmark("builtin").reference(s.strip()) or "" for s in splits.split(",")]
@@ -801,11 +811,10 @@ def bench_cmd(args: argparse.Namespace) -> dict:
     else:
         root = args.root
         ensure_knowledge(args.benchmark, stderr_progress, device=args.device)
-    methods = args.methods.split(",") if args.methods else list(QUALITY_METHODS if builtin else KNOWLEDGE_METHODS)
     qc = QualityConfig(
         benchmark=args.benchmark,
         splits=[s.strip() for s in splits.split(",") if s.strip()],
-        methods=[m.strip() for m in methods if m.strip()],
+        methods=methods,
         seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
         eval=EvalConfig(
             max_items=args.max_items or None, max_new_tokens=args.max_new_tokens or (32 if builtin else 12)
@@ -814,6 +823,9 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         root=str(root) if root else None,
         out=args.out or ("results" if builtin else f"results/{args.benchmark}"),
         device=args.device,
+        tuned=tuned,
+        stop=args.stop,
+        relearn=args.relearn,
     )
     result = run_quality(qc, stderr_progress, fresh=args.fresh, stored_only=args.stored_only)
     return {**result.files, "computed": len(result.computed), "skipped": len(result.skipped),

@@ -78,12 +78,22 @@ def curve_sets(forget_spec: str, root: str | Path | None = None) -> dict[str, qa
 
 
 def default_reference(model_spec: str, forget_spec: str) -> str | None:
-    """The retain reference for a built-in model on a built-in forget split (builtin:retainXX), else None.
+    """The retain reference for a model on a built-in forget split builtin:forgetXX: builtin:retainXX for a
+    built-in model; for a model folder in a folder laid out like the built-in cache (a two-stage build or a
+    fine-tune of the authors: `<build>/models/full`), its sibling `<build>/models/retainXX` where that was
+    built; else None.
 
     A real-knowledge benchmark has none: its facts come from pretraining, and no model pretrained
     without them exists (the skipped metrics say so in the report)."""
-    if model_spec.startswith("builtin:") and forget_spec.startswith("builtin:forget"):
-        return "builtin:retain" + forget_spec.removeprefix("builtin:forget")
+    if not forget_spec.startswith("builtin:forget"):
+        return None
+    part = "retain" + forget_spec.removeprefix("builtin:forget")
+    if model_spec.startswith("builtin:"):
+        return f"builtin:{part}"
+    folder = Path(model_spec).expanduser()
+    sibling = folder.parent / part
+    if folder.parent.name == "models" and (sibling / "config.json").is_file():
+        return str(sibling)
     return None
 
 

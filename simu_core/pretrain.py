@@ -101,6 +101,14 @@ def staged_root(size: str = "tiny", train_seed: int = 0) -> Path:
     return simu_home() / f"staged-{size}-seed{train_seed}"
 
 
+def staged_models(home: str | Path | None = None) -> list[Path]:
+    """The `full` model folders of the two-stage builds under `home` (default $SIMU_HOME), sorted by name:
+    the models to unlearn from that the app offers beside the built-in ones."""
+    home = Path(home or simu_home())
+    return sorted(folder.parent / "models" / "full" for folder in home.glob(f"*/{MANIFEST}")
+                  if (folder.parent / "models" / "full" / "config.json").is_file())  # fmt: skip
+
+
 def pretraining_corpus(config: StagedConfig, data_root: Path) -> list[dict]:
     """The base's training items: background authors (none of the benchmark's) and the repeated world facts."""
     benchmark_authors = {it["author"] for split in ("full", "holdout") for it in _read_split(data_root, split)}

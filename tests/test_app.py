@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -401,7 +402,8 @@ def test_evaluate_page_plots_the_trade_off_curve_of_a_run_that_recorded_one(app,
     assert not app.exception, app.exception
     expander = next(e for e in app.expander if e.label.startswith("Trade-off curve"))
     figures = [json.loads(c.proto.spec) for c in expander.get("plotly_chart")]
-    assert len(figures) == 1 and len(figures[0]["data"]) == 2  # one run: retain, and the forget facts' probe
+    # one run: retain, world facts (run_unlearning scores the forget set's companions), the forget facts' probe
+    assert len(figures) == 1 and len(figures[0]["data"]) == 3
     assert [len(figures[0]["data"][0]["x"])] == [2]  # a point at each of the 2 steps
 
 
@@ -429,3 +431,20 @@ def test_unlearn_page_plans_the_memory_of_the_run_next_to_soul_before_launch(app
     table = app.table[0].value
     assert list(table.columns)[1:] == ["fo_graddiff", "so_graddiff"]
     assert set(table[""]) >= {"weights", "optimizer", "activations", "total", "fits"}
+
+
+def test_the_model_page_offers_the_two_stage_builds_on_this_machine(app, app_home, builtin_dir):
+    build = app_home / "staged-tiny-seed7"
+    (build / "models").mkdir(parents=True)
+    (build / "staged.json").write_text("{}", encoding="utf-8")
+    (build / "models" / "full").symlink_to(builtin_dir / "models" / "full")  # a real model folder to load
+    try:
+        app.radio(key="model_source").set_value("Local folder").run()
+        picker = app.selectbox(key="staged_pick")
+        assert picker.options == ["staged-tiny-seed7 · full"]
+        picker.set_value(str(build / "models" / "full")).run()
+        assert app.text_input(key="model_folder").value == str(build / "models" / "full")
+        next(b for b in app.button if b.label == "Use this model").click().run()
+        assert not app.exception and app.session_state["model_spec"] == str(build / "models" / "full")
+    finally:
+        shutil.rmtree(build)  # the other tests' home has no two-stage build

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -433,3 +434,123 @@ def test_the_tuning_rule_breaks_ties_by_less_left_then_by_the_earlier_step():
 
 def test_the_tuning_rule_picks_nothing_when_no_point_reached_the_checkpoint():
     assert benchmark.pick_tuned([_grid_point(1e-4, None)], KEPT, "forget/fact_probe") is None
+
+
+# --------------------------------------------------------------------------------------------
+# The fair-test options (issue 17): tuned picks, MUSE's stop, the relearning attack
+# --------------------------------------------------------------------------------------------
+
+
+def _tuning_file(path, picks: dict, steps: int = 250):
+    """A tuning result as bench/tune_equal.py writes it (the parts the table reads)."""
+    path.write_text(json.dumps({"settings": {"steps": steps}, "picks": picks}), encoding="utf-8")
+    return path
+
+
+def test_tuned_picks_carry_the_grids_budget_and_a_control_takes_its_methods_pick(tmp_path):
+    path = _tuning_file(tmp_path / "t.json", {"simu": {"lr": 3e-4, "gamma": 5.0, "rho_share": 0.3}}, steps=120)
+    tuned = benchmark.read_tuned(path, ["simu", "random_mask"])
+    assert tuned["simu"] == tuned["random_mask"] == {"lr": 3e-4, "gamma": 5.0, "rho_share": 0.3, "steps": 120}
+    qc = QualityConfig(splits=["forget10"], methods=["simu", "random_mask"], seeds=[1], tuned=tuned)
+    config = benchmark.cell_config(Cell("forget10", "random_mask", 1), qc)
+    assert (config.lr, config.gamma, config.rho_share, config.steps) == (3e-4, 5.0, 0.3, 120)
+    assert config.mask == benchmark.cell_config(Cell("forget10", "simu", 1), qc).mask  # a mask of the same size
+
+
+def test_a_method_without_a_pick_is_named_with_the_fix(tmp_path):
+    path = _tuning_file(tmp_path / "t.json", {"simu": {"lr": 1e-3, "gamma": 1.0}})
+    with pytest.raises(SimuError, match="no pick for so_graddiff.*tune_equal.py --methods so_graddiff"):
+        benchmark.read_tuned(path, ["simu", "so_graddiff"])
+    with pytest.raises(SimuError, match="cannot read the tuning picks"):
+        benchmark.read_tuned(tmp_path / "absent.json", ["simu"])
+
+
+def test_a_bad_tuning_file_is_refused_before_anything_loads(tmp_path, capsys):
+    from simu_core.cli import main
+
+    assert main(["bench", "quality", "--root", "/nonexistent", "--tuned", str(tmp_path / "absent.json")]) == 2
+    assert "cannot read the tuning picks" in capsys.readouterr().err
+
+
+def test_muses_stop_needs_a_retain_reference():
+    with pytest.raises(SimuError, match="no retain reference.*default stop"):
+        QualityConfig(benchmark="smollm2", splits=["forget"], methods=["simu"], stop="muse")
+
+
+@pytest.fixture(scope="module")
+def fair_run(builtin_dir, tmp_path_factory):
+    """The table with every fair-test option on the test build: GA at a 'pick' strong enough to forget within
+    its budget, stopped by MUSE's rule, every row attacked."""
+    out = tmp_path_factory.mktemp("fair")
+    tuned = benchmark.read_tuned(_tuning_file(out / "t.json", {"ga": {"lr": 1e-3}}, steps=60), ["ga"])
+    qc = QualityConfig(splits=["forget10"], methods=["ga"], seeds=[1], eval=SMOKE_EVAL, root=str(builtin_dir),
+                       out=str(out / "table"), tuned=tuned, stop="muse", relearn=True)  # fmt: skip
+    return qc, run_quality(qc)
+
+
+def test_muses_stop_ends_the_run_at_the_retain_references_forget_rouge(fair_run, builtin_dir):
+    from simu_core import data as qa
+    from simu_core.models import load_model
+    from simu_core.unlearn import forget_rouge
+
+    qc, _ = fair_run
+    record = read_cell(qc.out, Cell("forget10", "ga", 1))
+    reference = load_model("builtin:retain10", device="cpu", root=builtin_dir)
+    target = forget_rouge(reference, reference.model, qa.load_data("builtin:forget10", root=builtin_dir))
+    config = record["config"]
+    assert config["stop_forget_em"] is None and config["stop_forget_rouge"] == pytest.approx(target, abs=1e-12)
+    assert (config["lr"], config["steps"]) == (1e-3, 60)  # the pick and the grid's budget
+    assert record["stop_reason"] == "forget_target" and record["steps_done"] < 60
+
+
+def test_every_row_takes_the_relearning_attack_with_the_benchmarks_settings(fair_run, builtin_dir):
+    from simu_core import data as qa
+    from simu_core.models import load_model
+    from simu_core.relearn import relearning_attack
+
+    qc, result = fair_run
+    for record in result.records:
+        assert 0.0 <= record["metrics"]["relearn/heldout_after"] <= 1.0
+    reference = load_model("builtin:retain10", device="cpu", root=builtin_dir)
+    attack = relearning_attack(reference, reference.model, qa.load_data("builtin:forget10", root=builtin_dir),
+                               qc.bench.relearn)  # fmt: skip
+    stored = read_cell(qc.out, Cell("forget10", "retain_reference"))["metrics"]
+    assert stored["relearn/heldout_after"] == attack["heldout_after"]  # same seeded halves and steps
+    text = (Path(qc.out) / "quality.md").read_text(encoding="utf-8")
+    assert " relearned held-out ↓ " in text and "relearning attack on every row" in text
+    assert "stop: MUSE's matched forgetting" in text and "ga lr 0.001, steps 60" in text
+
+
+def test_the_attack_and_the_stop_enter_the_key_only_when_asked_for(fair_run):
+    qc, _ = fair_run
+    prints = {"builtin:full": "a", "builtin:retain10": "b"}
+    plain = QualityConfig(splits=["forget10"], methods=["ga"], seeds=[1], tuned=qc.tuned)
+    attacked = QualityConfig(splits=["forget10"], methods=["ga"], seeds=[1], tuned=qc.tuned, relearn=True)
+    muse = QualityConfig(splits=["forget10"], methods=["ga"], seeds=[1], tuned=qc.tuned, stop="muse")
+    for cell in (Cell("forget10", "original"), Cell("forget10", "ga", 1)):
+        assert cell_key(cell, plain, prints) != cell_key(cell, attacked, prints)
+    assert cell_key(Cell("forget10", "ga", 1), plain, prints) != cell_key(Cell("forget10", "ga", 1), muse, prints, 0.4)
+    assert cell_key(Cell("forget10", "original"), plain, prints) == cell_key(Cell("forget10", "original"), muse, prints)
+
+
+def test_disjoint_splits_are_pooled_pair_by_pair_and_nested_ones_are_not():
+    from scipy import stats
+
+    diffs = {("forget10b", 1): 0.10, ("forget10b", 2): 0.02, ("forget10b", 3): 0.06,
+             ("forget10c", 1): 0.08, ("forget10c", 2): 0.04, ("forget10c", 3): 0.12}  # fmt: skip
+    records = []
+    for (split, seed), diff in diffs.items():
+        records.append(_record("simu_paper", seed, 0.0, 0.5, retain_em=0.8 + diff, split=split))
+        records.append(_record("so_graddiff", seed, 0.0, 0.5, retain_em=0.8, split=split))
+    for record in records:
+        record["n_items"] = {"forget": 20, "retain": 20}
+    d = benchmark.paired_difference(records, ["forget10b", "forget10c"], "simu_paper", "so_graddiff",
+                                    "retain/exact_match")  # fmt: skip
+    values = list(diffs.values())
+    low, high = stats.t.interval(0.95, 5, loc=sum(values) / 6, scale=stats.sem(values))
+    assert d["n"] == 6 and (d["low"], d["high"]) == (pytest.approx(low, abs=1e-3), pytest.approx(high, abs=1e-3))
+    methods = ["simu_paper", "so_graddiff"]
+    text = benchmark.paired_text(records, QualityConfig(splits=["forget10b", "forget10c"], methods=methods))
+    assert "forget10b + forget10c pooled, simu_paper − so_graddiff**, over 6 pairs" in text
+    nested = QualityConfig(splits=["forget01", "forget05"], methods=methods)
+    assert benchmark.pooled_splits(nested) == [] and "pooled" not in benchmark.paired_text(records, nested)

@@ -159,3 +159,21 @@ def test_the_command_refuses_an_unknown_part_before_pretraining(tmp_path, capsys
 
     assert main(["build-staged", "--parts", "full,forget10", "--out", str(tmp_path)]) == 2
     assert "forget10" in capsys.readouterr().err and not (tmp_path / "models").exists()
+
+
+def test_the_app_finds_a_two_stage_builds_model_to_unlearn(staged, builtin_dir):
+    from simu_core.pretrain import staged_models
+
+    out, _ = staged
+    assert out / "models" / "full" in staged_models(out.parent)
+    assert staged_models(builtin_dir.parent) == []  # a one-stage cache has no staged.json
+
+
+def test_a_two_stage_model_is_compared_with_its_own_builds_retain_reference(staged):
+    from simu_core.evaluation import default_reference
+
+    out, _ = staged
+    full = str(out / "models" / "full")
+    assert default_reference(full, "builtin:forget10b") == str(out / "models" / "retain10b")
+    assert default_reference(full, "builtin:forget05") is None  # that reference was not built here
+    assert default_reference(full, "my_forget.jsonl") is None
