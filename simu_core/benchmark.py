@@ -940,7 +940,12 @@ def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Se
         "",
         f"- command: `{meta['command'] or 'python -m simu_core bench quality'}`",
         *about,
-        f"- seeds {meta['seeds']} (presets tuned with seed {meta['tuning_seed']}); preset notes: {meta['preset_notes']}",
+        f"- seeds {meta['seeds']}; "
+        + (
+            "every setting below comes from the tuning file, not the presets"
+            if meta.get("tuned")
+            else f"presets tuned with seed {meta['tuning_seed']}; preset notes: {meta['preset_notes']}"
+        ),  # fmt: skip
         f"- evaluation: up to {qc.eval.max_items} items per split (seeded sample {qc.eval.seed}), "
         f"greedy answers of up to {qc.eval.max_new_tokens} tokens",
         *_protocol_lines(meta),

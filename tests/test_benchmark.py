@@ -519,6 +519,7 @@ def test_every_row_takes_the_relearning_attack_with_the_benchmarks_settings(fair
     text = (Path(qc.out) / "quality.md").read_text(encoding="utf-8")
     assert " relearned held-out ↓ " in text and "relearning attack on every row" in text
     assert "stop: MUSE's matched forgetting" in text and "ga lr 0.001, steps 60" in text
+    assert "every setting below comes from the tuning file" in text and "preset notes" not in text
 
 
 def test_the_attack_and_the_stop_enter_the_key_only_when_asked_for(fair_run):
