@@ -79,7 +79,7 @@ BENCH_FORMAT = 2
 
 # (flat summary key, column title, digits) of the Markdown table; goals come from metrics.goal_of.
 # Run facts, not quality: no goal, no paired interval.
-RUN_COLUMNS = ("unclipped_mean", "steps_done", "unlearn_seconds")
+RUN_COLUMNS = ("unclipped_mean", "reached_target", "steps_done", "unlearn_seconds")
 TABLE_COLUMNS = (
     ("forget/exact_match", "forget EM ↓", 3),
     ("forget/answer_contained", "forget contained ↓", 3),
@@ -93,6 +93,7 @@ TABLE_COLUMNS = (
     ("privleak", "PrivLeak (→0)", 1),
     ("relearn/heldout_after", "relearned held-out ↓", 3),  # only with the relearning attack (`--relearn`)
     ("unclipped_mean", "Sophia unclipped", 4),
+    ("reached_target", "stop reached", 2),  # share of the seeds whose run met its forget target (not the budget)
     ("steps_done", "steps", 0),
     ("unlearn_seconds", "unlearn s", 1),
 )
@@ -110,6 +111,7 @@ KNOWLEDGE_COLUMNS = (
     ("other_capitals/knows", "other capitals known ↑", 3),
     ("relearn/heldout_after", "relearned held-out ↓", 3),
     ("unclipped_mean", "Sophia unclipped", 4),
+    ("reached_target", "stop reached", 2),
     ("steps_done", "steps", 0),
     ("unlearn_seconds", "unlearn s", 1),
 )
@@ -482,6 +484,7 @@ def run_method_cell(cell: Cell, ctx: _Context, key: str) -> dict:
     report = evaluate(result.model, data, ctx.reference_report(cell.split), ctx.qc.eval)
     extra = {
         "status": result.status, "stop_reason": result.stop_reason, "error": result.error,
+        "reached_target": float(result.stop_reason == "forget_target"),
         "steps_done": summary["steps_done"], "unlearn_seconds": summary["seconds"],
         "train_forget_em": summary["forget_em"], "mask_neurons": summary["mask_neurons"],
         "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
@@ -886,14 +889,16 @@ def _builtin_legend(records: Sequence[dict]) -> list[str]:
         "ratios against the retain reference (log10; 0 is the best). Model utility: TOFU's harmonic mean of "
         f"{_utility_note(records)}. PrivLeak: MUSE's relative Min-40% AUC gap to the retain reference, "
         "100 (r - a) / (1 - r) with this project's AUC orientation: about -100 = the forget set is still "
-        "recognised, 0 = like the retain reference, > 0 = over-unlearned. " + _UNCLIPPED_LEGEND,
+        "recognised, 0 = like the retain reference, > 0 = over-unlearned. " + _RUN_LEGEND,
     ]
 
 
-_UNCLIPPED_LEGEND = (
+_RUN_LEGEND = (
     "Sophia unclipped: the mean share of Sophia's coordinates whose step was not clipped (|m| < rho h), i.e. "
     "that took a curvature-scaled step; near 0 the method runs as sign-momentum descent (Sophia's authors aim "
-    "at 0.1-0.5; `rho_share` calibrates rho); – for AdamW and for cells stored before it was recorded."
+    "at 0.1-0.5; `rho_share` calibrates rho); – for AdamW and for cells stored before it was recorded. Stop "
+    "reached: the share of the seeds whose run ended at its forget target rather than at the step budget (– for "
+    "cells stored before it was recorded)."
 )
 
 _KNOWLEDGE_LEGEND = (
@@ -903,7 +908,7 @@ _KNOWLEDGE_LEGEND = (
     "Utility (retain): TOFU's harmonic mean on the retain split only. The forget set is Asia's capitals, retain "
     "Europe's (trained on as the retain set); neighbour = other facts about the forget countries, general = "
     "everything else, other capitals = the other continents' capitals (the presets were tuned with those as "
-    "the forget set). " + _UNCLIPPED_LEGEND
+    "the forget set). " + _RUN_LEGEND
 )
 
 

@@ -56,6 +56,7 @@ def test_a_method_cell_runs_and_is_recorded(first_run):
     assert (record["split"], record["method"], record["seed"], record["status"]) == ("forget10", "ga", 1, "ok")
     assert record["steps_done"] == 2 and record["config"]["seed"] == 1 and record["config"]["steps"] == 2
     assert "unclipped_mean" in record and record["unclipped_mean"] is None  # GA runs AdamW: nothing is clipped
+    assert record["stop_reason"] == "steps" and record["reached_target"] == 0.0  # 2 steps: the budget ended it
     metrics = record["metrics"]
     assert 0.0 <= metrics["forget_quality"] <= 1.0 and 0.0 <= metrics["model_utility"] <= 1.0
     assert math.isclose(metrics["log10_forget_quality"], math.log10(metrics["forget_quality"]), rel_tol=1e-9)
@@ -500,7 +501,7 @@ def test_muses_stop_ends_the_run_at_the_retain_references_forget_rouge(fair_run,
     config = record["config"]
     assert config["stop_forget_em"] is None and config["stop_forget_rouge"] == pytest.approx(target, abs=1e-12)
     assert (config["lr"], config["steps"]) == (1e-3, 60)  # the pick and the grid's budget
-    assert record["stop_reason"] == "forget_target" and record["steps_done"] < 60
+    assert record["stop_reason"] == "forget_target" and record["steps_done"] < 60 and record["reached_target"] == 1.0
 
 
 def test_every_row_takes_the_relearning_attack_with_the_benchmarks_settings(fair_run, builtin_dir):
