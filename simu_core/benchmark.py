@@ -836,11 +836,20 @@ def _seed_intervals(records: Sequence[dict], splits, method: str, other: str, me
     return cells, n
 
 
+_MUSE_PAIRS_LEGEND = (
+    " Under MUSE's stop, a run that did not reach it within its step budget (stop reached < 1 in the table) forgot "
+    "less than the others, so it is left out of every pair (the table's means still include it)."
+)
+
+
 def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
     """Method minus other for each pair of `PAIRED_COMPARISONS` that ran, per split and table metric (steps
     and time left out): a t-interval over seeds, and for shares of items (EM, known) also Newcombe's interval
-    over the items; where the splits are disjoint (`pooled_splits`), also over every split's seeds pooled."""
+    over the items; where the splits are disjoint (`pooled_splits`), also over every split's seeds pooled.
+    Under MUSE's stop, runs that did not reach it within their budget are left out of every pair."""
     metrics = [(key, title) for key, title, _ in qc.bench.columns if key not in RUN_COLUMNS]
+    if qc.stop == "muse":  # a run that never reached MUSE's point forgot less: its pairs are not matched
+        records = [r for r in records if r.get("reached_target") != 0.0]
     lines = []
     for split in qc.splits:
         n_items = items_evaluated(records, qc, split) if any(r["split"] == split for r in records) else {}
@@ -966,7 +975,8 @@ def quality_markdown(aggregate: dict, meta: dict, qc: QualityConfig, records: Se
         "",
     ]
     verdict = ["## At matched forget efficacy", "", verdict_text(aggregate, qc.splits, qc.bench), ""]
-    paired = ["## Differences with 95% intervals", "", PAIRED_LEGEND, "", paired_text(records, qc), ""]
+    legend = PAIRED_LEGEND + (_MUSE_PAIRS_LEGEND if qc.stop == "muse" else "")
+    paired = ["## Differences with 95% intervals", "", legend, "", paired_text(records, qc), ""]
     table = markdown_table(aggregate, qc.splits, qc.methods, qc.bench.columns)
     return "\n".join([*head, "## Table", "", table, *verdict, *paired])
 

@@ -556,3 +556,16 @@ def test_disjoint_splits_are_pooled_pair_by_pair_and_nested_ones_are_not():
     assert "forget10b + forget10c pooled, simu_paper − so_graddiff**, over 6 pairs" in text
     nested = QualityConfig(splits=["forget01", "forget05"], methods=methods)
     assert benchmark.pooled_splits(nested) == [] and "pooled" not in benchmark.paired_text(records, nested)
+
+
+def test_under_muses_stop_a_run_that_never_reached_it_leaves_its_pairs():
+    records = [_record(m, s, 0.0, 0.5, retain_em=r, split="forget10b")
+               for m, r in (("simu", 0.9), ("so_graddiff", 0.8)) for s in (1, 2, 3)]  # fmt: skip
+    for record in records:
+        record["n_items"] = {"forget": 20, "retain": 20}
+        record["reached_target"] = 0.0 if (record["method"], record["seed"]) == ("simu", 3) else 1.0
+    records[0]["metrics"]["retain/exact_match"] = 0.95  # seed 1 differs, so the pairs have a spread
+    methods = ["simu", "so_graddiff"]
+    muse = benchmark.paired_text(records, QualityConfig(splits=["forget10b"], methods=methods, stop="muse"))
+    em = benchmark.paired_text(records, QualityConfig(splits=["forget10b"], methods=methods))
+    assert "simu − so_graddiff**, over 2 paired seeds" in muse and "over 3 paired seeds" in em
