@@ -25,6 +25,7 @@ from pages.common import (
 )
 from simu_core.config import MaskConfig, UnlearnConfig
 from simu_core.errors import SimuError
+from simu_core.evaluation import curve_sets
 from simu_core.figures import history_figure
 from simu_core.jobs import DONE, eta_to_stop
 from simu_core.masks import MLP_PARTS, make_mask
@@ -229,8 +230,9 @@ def run_job(
     def on_step(record) -> None:
         ctx.report(record.step / record.steps, f"step {record.step}/{record.steps}", **record.to_dict())
 
+    extra = curve_sets(config.forget) if config.curve_every else None
     result, path = run_unlearning(config, folder, base=base, forget=forget, retain=retain, mask=mask, callback=on_step,
-                                  cancel=ctx.cancel_event)  # fmt: skip
+                                  cancel=ctx.cancel_event, curve_sets=extra)  # fmt: skip
     if knowledge is not None:
         knowledge.save(path)  # the run says whether the model knew its forget set before it started
     return {"folder": str(path), "summary": result.summary()}

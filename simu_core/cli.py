@@ -555,6 +555,7 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     import threading
 
     from simu_core import distributed
+    from simu_core.evaluation import curve_sets
     from simu_core.runs import run_unlearning
     from simu_core.unlearn import preset_config, validate_config
 
@@ -589,7 +590,9 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop and save as cancelled
     try:
-        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel, **given)
+        extra = curve_sets(config.forget) if config.curve_every else None
+        result, run_dir = run_unlearning(config, args.runs_dir, callback=progress, cancel=cancel, curve_sets=extra,
+                                         **given)  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)
     if not group.is_main:

@@ -173,8 +173,7 @@ def run_unlearning(
     curve_sets: dict[str, qa.QADataset] | None = None,
 ):
     """Load what `config` names (unless given), unlearn, and save the run folder (`curve_sets`: the
-    extra sets of the trade-off curve, see `unlearn.unlearn`; by default, with `config.curve_every`, the
-    forget set's companions, `evaluation.curve_sets`).
+    extra sets of the trade-off curve, see `unlearn.unlearn`).
 
     Returns (UnlearnResult, run folder); under several processes only the main one (rank 0) writes the
     folder, the others return None for it. Bad settings raise SimuError before anything is written; an
@@ -188,10 +187,6 @@ def run_unlearning(
     forget = forget or qa.load_data(config.forget, root=root)
     if retain is None and config.retain:
         retain = qa.load_data(config.retain, root=root)
-    if curve_sets is None and config.curve_every:
-        from simu_core.evaluation import curve_sets as companions  # evaluation imports this module
-
-        curve_sets = companions(config.forget, root)
     try:
         result = unlearn(
             base, forget, retain, config, mask=mask, callback=callback, cancel=cancel, curve_sets=curve_sets

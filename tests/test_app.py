@@ -402,8 +402,7 @@ def test_evaluate_page_plots_the_trade_off_curve_of_a_run_that_recorded_one(app,
     assert not app.exception, app.exception
     expander = next(e for e in app.expander if e.label.startswith("Trade-off curve"))
     figures = [json.loads(c.proto.spec) for c in expander.get("plotly_chart")]
-    # one run: retain, world facts (run_unlearning scores the forget set's companions), the forget facts' probe
-    assert len(figures) == 1 and len(figures[0]["data"]) == 3
+    assert len(figures) == 1 and len(figures[0]["data"]) == 2  # one run: retain, and the forget facts' probe
     assert [len(figures[0]["data"][0]["x"])] == [2]  # a point at each of the 2 steps
 
 

@@ -78,13 +78,3 @@ def test_the_figure_adds_a_fact_probe_panel_where_the_points_have_it():
     fig = tradeoff_figure({"a": points}, reference=0.5)
     assert {t.text for t in fig.layout.annotations if t.text} >= {"retain exact match", "forget fact probe"}
     assert [list(trace.y) for trace in fig.data] == [[0.9, 0.9], [0.5, 0.5]]
-
-
-def test_a_saved_run_scores_its_forget_sets_companions_on_the_curve_by_default(full_model, builtin_dir, tmp_path):
-    from simu_core.runs import run_unlearning
-
-    config = preset_config("fo_graddiff", forget="builtin:forget10", retain="builtin:retain10", steps=2, batch_size=4,
-                           retain_batch_size=4, curve_every=2, curve_items=4, device="cpu")  # fmt: skip
-    config.stop_forget_em = None
-    result, _ = run_unlearning(config, tmp_path, base=full_model, root=builtin_dir)
-    assert "world_facts/exact_match" in curve_points([r.to_dict() for r in result.history])[0]
