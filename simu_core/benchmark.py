@@ -27,6 +27,9 @@ MUSE's matched-forgetting point (the forget set's greedy ROUGE-L at or below the
 `unlearn.forget_rouge` on both) instead of the preset's forget-EM target; `relearn`, every cell (the
 reference rows too) also takes the relearning attack (`relearn.relearning_attack`, the benchmark's
 `relearn` settings): what comes back on the held-out half of the forget set after a few steps on the other.
+
+Tables of one protocol on different base models (the two-stage built-ins' seeds) pool with `write_pooled`
+(`bench pool`): paired differences per (base, split) block, with a t-interval over the blocks.
 """
 
 from __future__ import annotations
@@ -564,6 +567,7 @@ def describe_run(qc: QualityConfig, seconds: float) -> dict:
         manifest = read_manifest(Path(resolve_model_source("builtin:full", qc.root)).parents[1]) or {}
     return {
         "benchmark": qc.benchmark,
+        "root": qc.root,
         "command": "python -m simu_core " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
         "splits": qc.splits, "methods": qc.methods, "seeds": qc.seeds, "tuning_seed": TUNING_SEED,
         "eval": to_dict(qc.eval), "overrides": qc.overrides, "tuned": qc.tuned, "stop": qc.stop,
@@ -741,18 +745,11 @@ def verdict_text(aggregate: dict, splits: Sequence[str], bench: Benchmark | None
     return "\n".join(lines)
 
 
-def paired_difference(records: Sequence[dict], split: str | Sequence[str], a: str, b: str, metric: str) -> dict:
-    """Method `a` minus method `b` on `metric`, paired by split and seed (same base model, data and seed), with
-    a 95% t-interval over the pairs both ran (`split`: one split, or several disjoint ones pooled):
-    {"diff", "low", "high", "n", "word"}; word is "higher" or "lower" when the interval excludes 0, else
-    "no difference" ("n/a" with fewer than 2 pairs, "no spread" when every pair differs by the same amount)."""
-    splits = {split} if isinstance(split, str) else set(split)
-    runs = {m: {(r["split"], r["seed"]): _value(r, metric) for r in records if r["split"] in splits and r["method"] == m}
-            for m in (a, b)}  # fmt: skip
-    diffs = np.array(
-        [runs[a][s] - runs[b][s] for s in sorted(set(runs[a]) & set(runs[b]))
-         if runs[a][s] is not None and runs[b][s] is not None], dtype=float,
-    )  # fmt: skip
+def t_interval(diffs: Sequence[float]) -> dict:
+    """The mean of `diffs` with a 95% t-interval: {"diff", "low", "high", "n", "word"}; word is "higher" or
+    "lower" when the interval excludes 0, else "no difference" ("n/a" with fewer than 2 values, "no spread"
+    when every value is the same)."""
+    diffs = np.asarray(diffs, dtype=float)
     if len(diffs) < 2:
         mean = float(diffs[0]) if len(diffs) else None
         return {"diff": mean, "low": None, "high": None, "n": len(diffs), "word": "n/a"}
@@ -763,6 +760,19 @@ def paired_difference(records: Sequence[dict], split: str | Sequence[str], a: st
     low, high = mean - half, mean + half
     word = "higher" if low > 0 else "lower" if high < 0 else "no difference"
     return {"diff": mean, "low": low, "high": high, "n": len(diffs), "word": word}
+
+
+def paired_difference(records: Sequence[dict], split: str | Sequence[str], a: str, b: str, metric: str) -> dict:
+    """Method `a` minus method `b` on `metric`, paired by split and seed (same base model, data and seed), with
+    a 95% t-interval over the pairs both ran (`split`: one split, or several disjoint ones pooled): see
+    `t_interval`."""
+    splits = {split} if isinstance(split, str) else set(split)
+    runs = {m: {(r["split"], r["seed"]): _value(r, metric) for r in records if r["split"] in splits and r["method"] == m}
+            for m in (a, b)}  # fmt: skip
+    return t_interval(
+        [runs[a][s] - runs[b][s] for s in sorted(set(runs[a]) & set(runs[b]))
+         if runs[a][s] is not None and runs[b][s] is not None]
+    )  # fmt: skip
 
 
 def pick_tuned(points: Sequence[dict], kept: Sequence[str], probe: str) -> dict | None:
@@ -997,6 +1007,149 @@ def write_outputs(out: str | Path, records: list[dict], aggregate: dict, meta: d
         out / "quality.html", figures.quality_figures(records, qc.splits), "SIMU quality benchmark"
     )
     return {"json": str(out / "quality.json"), "markdown": str(md), "html": str(html)}
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling tables over base models (issue 17's replicates)
+# --------------------------------------------------------------------------------------------
+
+# What tables must share to be pooled: the same protocol on different base models.
+POOL_SETTINGS = ("benchmark", "splits", "stop", "tuned", "eval", "overrides", "relearn")
+POOL_LEGEND = (
+    "Pairs: two methods' runs on the same base model, forget split and seed. The seed-by-seed differences of each "
+    "(base, split) block are averaged, and the interval is a 95% t-interval over the blocks: the base models (and "
+    "the disjoint splits) are the replicates, seeds only optimiser noise within one. Better / worse follow the "
+    "column's arrow (↑ higher is better, ↓ lower is better; PrivLeak's goal is 0, so it only says higher / lower)."
+)
+
+
+def read_tables(folders: Sequence[str | Path]) -> tuple[list[dict], dict]:
+    """The records of several quality tables (folders holding `bench quality`'s quality.json) run with one
+    protocol on different base models, each record tagged "base" = its folder's name, and the shared settings
+    (`POOL_SETTINGS` from the first table's meta). Raises SimuError, naming the table and the fix, for a missing
+    table, fewer than two, the same folder name or base model twice, or settings that differ."""
+    if len(folders) < 2:
+        raise SimuError("Pooling needs two or more quality tables (one per base model): give --tables A,B,...")
+    records: list[dict] = []
+    settings: dict | None = None
+    roots: dict[str, str] = {}
+    for folder in map(Path, folders):
+        path = folder / "quality.json"
+        if not path.is_file():
+            raise SimuError(f"No quality table at {path}: run `bench quality --out {folder}` first "
+                            "(or `--stored-only` to write it from stored cells).")  # fmt: skip
+        table = json.loads(path.read_text(encoding="utf-8"))
+        meta = table["meta"]
+        if any(r["base"] == folder.name for r in records):
+            raise SimuError(f"Two tables are named {folder.name!r}: give each base model's table its own folder name.")
+        if meta.get("root") and meta["root"] in roots.values():
+            raise SimuError(f"{folder} and another table ran on the same base model ({meta['root']}): its runs "
+                            "are not independent replicates. Pool tables of different base models.")  # fmt: skip
+        roots[folder.name] = meta.get("root") or ""
+        shared = {key: meta.get(key) for key in POOL_SETTINGS}
+        if settings is None:
+            settings = shared
+        differs = [key for key in POOL_SETTINGS if shared[key] != settings[key]]
+        if differs:
+            raise SimuError(f"{folder} was run with other settings ({', '.join(differs)}) than {folders[0]}: "
+                            "pool only tables of one protocol (same splits, stop, tuning file and evaluation).")  # fmt: skip
+        records += [{**r, "base": folder.name} for r in table["records"]]
+    return records, {**settings, "tables": roots}
+
+
+def replicate_difference(records: Sequence[dict], a: str, b: str, metric: str) -> dict:
+    """Method `a` minus `b` on `metric` with base models as replicates (records tagged "base", `read_tables`):
+    each (base, split) block's mean seed-paired difference (`paired_difference`), then `t_interval` over the
+    blocks; "pairs" counts the seed pairs inside."""
+    blocks = [paired_difference([r for r in records if r["base"] == base], split, a, b, metric)
+              for base, split in sorted({(r["base"], r["split"]) for r in records})]  # fmt: skip
+    return {**t_interval([d["diff"] for d in blocks if d["n"]]), "pairs": sum(d["n"] for d in blocks)}
+
+
+def judged(word: str, title: str) -> str:
+    """'better' / 'worse' for a 'higher' / 'lower' interval word on a column whose title carries its goal
+    (↑ or ↓); other words, and columns without an arrow, unchanged."""
+    goal = "higher" if "↑" in title else "lower" if "↓" in title else None
+    if goal is None or word not in ("higher", "lower"):
+        return word
+    return "better" if word == goal else "worse"
+
+
+def pooled_differences(records: Sequence[dict], settings: dict) -> dict:
+    """{"<method> − <other>": {metric: replicate_difference + "judged"}} for every pair of `PAIRED_COMPARISONS`
+    that ran, on the benchmark's table columns; under MUSE's stop, runs that did not reach it leave their pairs."""
+    columns = get_benchmark(settings["benchmark"]).columns
+    if settings.get("stop") == "muse":
+        records = [r for r in records if r.get("reached_target") != 0.0]
+    ran = {r["method"] for r in records}
+    out: dict = {}
+    for method, other in PAIRED_COMPARISONS:
+        if method in ran and other in ran:
+            out[f"{method} − {other}"] = {
+                key: {**(d := replicate_difference(records, method, other, key)), "judged": judged(d["word"], title)}
+                for key, title, _ in columns if key not in RUN_COLUMNS
+            }  # fmt: skip
+    return out
+
+
+def stop_counts(records: Sequence[dict]) -> dict[str, dict[str, str]]:
+    """{method: {base: "reached/runs"}}: how many of each table's runs met their stop (MUSE's point or EM target)."""
+    out: dict = {}
+    for r in records:
+        if r["method"] not in REFERENCE_ROWS and r.get("reached_target") is not None:
+            out.setdefault(r["method"], {}).setdefault(r["base"], []).append(r["reached_target"])
+    return {m: {base: f"{sum(v > 0 for v in vs)}/{len(vs)}" for base, vs in per.items()} for m, per in out.items()}
+
+
+def pooled_markdown(records: Sequence[dict], settings: dict) -> str:
+    """The pooled page: tables and protocol, stop reached per table, and the differences over blocks."""
+    bases = list(settings["tables"])
+    titles = {key: title for key, title, _ in get_benchmark(settings["benchmark"]).columns}
+    counts = stop_counts(records)
+    lines = [
+        "# SIMU quality tables pooled over base models",
+        "",
+        *[f"- table `{base}`: base model {root or '(not recorded)'}" for base, root in settings["tables"].items()],
+        f"- splits {', '.join(settings['splits'])}; each table's own page has its means and per-split intervals",
+        *_protocol_lines(settings),
+        "",
+        "## Stop reached (runs that met their stop / runs)",
+        "",
+        "| method | " + " | ".join(bases) + " |",
+        "|---|" + "---|" * len(bases),
+        *[f"| {m} | " + " | ".join(per.get(b, "–") for b in bases) + " |" for m, per in counts.items()],
+        "",
+        "## Differences with 95% intervals over (base, split) blocks",
+        "",
+        POOL_LEGEND + (_MUSE_PAIRS_LEGEND if settings.get("stop") == "muse" else ""),
+        "",
+    ]
+    for pair, stats in pooled_differences(records, settings).items():
+        n = max(d["n"] for d in stats.values())
+        pairs = max(d["pairs"] for d in stats.values())
+        cells = [_pooled_cell(titles[k], d) for k, d in stats.items() if d["diff"] is not None]
+        lines.append(f"- **{pair}**, over {n} blocks ({pairs} seed pairs): " + "; ".join(cells) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _pooled_cell(title: str, d: dict) -> str:
+    if d["low"] is None:  # one block, or the same difference in every block: no interval
+        return f"{title} {d['diff']:+.3f} ({d['word']})"
+    return f"{title} {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] **{d['judged']}**"
+
+
+def write_pooled(folders: Sequence[str | Path], out: str | Path) -> dict:
+    """Pool quality tables over base models (`read_tables`) into `out`/pooled.json and pooled.md; returns paths."""
+    from simu_core.runs import write_json_atomic
+
+    records, settings = read_tables(folders)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "stop_reached": stop_counts(records),
+               "differences": pooled_differences(records, settings)}  # fmt: skip
+    write_json_atomic(out / "pooled.json", _json_safe(payload))
+    (out / "pooled.md").write_text(pooled_markdown(records, settings), encoding="utf-8")
+    return {"json": str(out / "pooled.json"), "markdown": str(out / "pooled.md")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -743,7 +743,9 @@ def build_staged_cmd(args: argparse.Namespace) -> dict:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=("quality",), help="quality: every method at its preset, evaluated (resumable)")
+    p.add_argument("what", choices=("quality", "pool"),
+                   help="quality: every method at its preset, evaluated (resumable); pool: compute nothing, pool "
+                        "the quality tables of --tables (one per base model) into --out/pooled.md")  # fmt: skip
     p.add_argument("--benchmark", choices=("builtin", "smollm2"), default="builtin",
                    help="builtin: the fictitious authors (default); smollm2: the real-knowledge benchmark on SmolLM2")  # fmt: skip
     p.add_argument("--splits", default=None,
@@ -776,11 +778,18 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="recompute every cell instead of resuming")
+    p.add_argument("--tables", default=None, metavar="DIR,DIR,...",
+                   help="pool: quality-table folders of one protocol, each on its own base model")  # fmt: skip
     p.add_argument("--stored-only", action="store_true",
                    help="compute nothing: write the table from the stored cells and list the ones left out")  # fmt: skip
 
 
-@command("bench", "benchmarks: `bench quality` runs the method comparison table (resumable)", _bench_args)
+@command(
+    "bench",
+    "benchmarks: `bench quality` runs the method comparison table (resumable); `bench pool` pools "
+    "such tables over base models",
+    _bench_args,
+)
 def bench_cmd(args: argparse.Namespace) -> dict:
     import torch
 
@@ -792,10 +801,19 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         get_benchmark,
         read_tuned,
         run_quality,
+        write_pooled,
     )
     from simu_core.knowledge import ensure_knowledge
     from simu_core.metrics import EvalConfig
 
+    if args.what == "pool":
+        if not args.tables or not args.out:
+            raise SimuError(
+                "`bench pool` needs --tables DIR,DIR,... (quality tables, one per base model) and --out DIR."
+            )
+        return write_pooled([t.strip() for t in args.tables.split(",") if t.strip()], args.out)
+    if args.tables:
+        raise SimuError("--tables is for `bench pool`; `bench quality` computes one table per --root.")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seeds < 1:

@@ -68,10 +68,11 @@ def test_the_retain_reference_row_is_its_own_target(first_run):
     assert record["metrics"]["forget_quality"] == 1.0 and record["metrics"]["privleak"] == 0.0
 
 
-def test_outputs_are_written(first_run):
+def test_outputs_are_written(first_run, builtin_dir):
     out, result = first_run
     payload = json.loads((out / "quality.json").read_text(encoding="utf-8"))
     assert {r["cell"] for r in payload["records"]} == set(result.computed)
+    assert payload["meta"]["root"] == str(builtin_dir)  # pooling tells base models apart by it
     assert payload["meta"]["seeds"] == [1] and payload["meta"]["tuning_seed"] == 0
     assert "ga" in payload["aggregate"]["forget10"]
     assert "| **ga** |" in (out / "quality.md").read_text(encoding="utf-8")
@@ -569,3 +570,91 @@ def test_under_muses_stop_a_run_that_never_reached_it_leaves_its_pairs():
     muse = benchmark.paired_text(records, QualityConfig(splits=["forget10b"], methods=methods, stop="muse"))
     em = benchmark.paired_text(records, QualityConfig(splits=["forget10b"], methods=methods))
     assert "simu − so_graddiff**, over 2 paired seeds" in muse and "over 3 paired seeds" in em
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling tables over base models
+# --------------------------------------------------------------------------------------------
+
+_POOL_META = {"benchmark": "builtin", "splits": ["forget10b", "forget10c"], "stop": "muse", "tuned": {},
+              "eval": {"max_items": 200}, "overrides": {}, "relearn": None}  # fmt: skip
+
+
+def _table(folder: Path, retain_diffs: dict, root: str, **meta) -> Path:
+    """A quality.json of simu_paper vs so_graddiff whose retain EM differs by retain_diffs[(split, seed)]."""
+    records = []
+    for (split, seed), diff in retain_diffs.items():
+        records.append(_record("simu_paper", seed, 0.0, 0.5, retain_em=0.8 + diff, split=split))
+        records.append(_record("so_graddiff", seed, 0.0, 0.5, retain_em=0.8, split=split))
+    folder.mkdir(parents=True)
+    payload = {"meta": {**_POOL_META, "root": root, **meta}, "records": records}
+    (folder / "quality.json").write_text(json.dumps(payload), encoding="utf-8")
+    return folder
+
+
+def _block_diffs(shift: float) -> dict:
+    return {("forget10b", 1): 0.10 + shift, ("forget10b", 2): 0.02 + shift,
+            ("forget10c", 1): 0.08 + shift, ("forget10c", 2): 0.04 + shift}  # fmt: skip
+
+
+def test_pooling_over_bases_averages_seeds_in_each_block_and_intervals_over_blocks(tmp_path):
+    from scipy import stats
+
+    shifts = {"b1": 0.0, "b2": 0.03, "b3": -0.01}
+    folders = [_table(tmp_path / b, _block_diffs(s), root=f"/cache/{b}") for b, s in shifts.items()]
+    records, settings = benchmark.read_tables(folders)
+    d = benchmark.replicate_difference(records, "simu_paper", "so_graddiff", "retain/exact_match")
+    # block means by hand: forget10b (0.10 + 0.02) / 2 = 0.06, forget10c (0.08 + 0.04) / 2 = 0.06, plus the shift
+    blocks = [0.06 + s for s in shifts.values() for _ in ("forget10b", "forget10c")]
+    low, high = stats.t.interval(0.95, 5, loc=sum(blocks) / 6, scale=stats.sem(blocks))
+    assert d["n"] == 6 and d["pairs"] == 12
+    assert (d["low"], d["high"]) == (pytest.approx(low, abs=1e-3), pytest.approx(high, abs=1e-3))  # T_975: 3 digits
+    assert settings["tables"] == {b: f"/cache/{b}" for b in shifts}
+
+
+def test_pooled_words_follow_the_columns_goal():
+    assert benchmark.judged("higher", "retain EM ↑") == "better"
+    assert benchmark.judged("higher", "forget EM ↓") == "worse"
+    assert benchmark.judged("lower", "PrivLeak (→0)") == "lower"
+    assert benchmark.judged("no difference", "retain EM ↑") == "no difference"
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [({"stop": "em"}, r"other settings \(stop\)"), ({"root": "/cache/b1"}, "same base model")],
+)
+def test_tables_of_another_protocol_or_the_same_base_are_not_pooled(tmp_path, meta, message):
+    first = _table(tmp_path / "b1", _block_diffs(0.0), root="/cache/b1")
+    second = _table(tmp_path / "b2", _block_diffs(0.0), **{"root": "/cache/b2", **meta})
+    with pytest.raises(SimuError, match=message):
+        benchmark.read_tables([first, second])
+
+
+def test_pooling_names_a_missing_table_with_the_fix(tmp_path):
+    first = _table(tmp_path / "b1", _block_diffs(0.0), root="/cache/b1")
+    with pytest.raises(SimuError, match=r"No quality table at .*b2.*bench quality --out"):
+        benchmark.read_tables([first, tmp_path / "b2"])
+
+
+def test_pooled_page_leaves_unreached_runs_out_and_counts_them(tmp_path):
+    folders = [_table(tmp_path / b, _block_diffs(s), root=f"/cache/{b}") for b, s in (("b1", 0.0), ("b2", 0.02))]
+    data = json.loads((folders[1] / "quality.json").read_text())
+    for record in data["records"]:
+        record["reached_target"] = 0.0 if record["split"] == "forget10c" and record["method"] == "simu_paper" else 1.0
+    (folders[1] / "quality.json").write_text(json.dumps(data))
+    records, settings = benchmark.read_tables(folders)
+    pair = benchmark.pooled_differences(records, settings)["simu_paper − so_graddiff"]["retain/exact_match"]
+    assert pair["n"] == 3 and pair["pairs"] == 6  # b2's forget10c block is gone
+    assert benchmark.stop_counts(records)["simu_paper"] == {"b2": "2/4"}  # b1 recorded no reached_target
+
+
+def test_cli_bench_pool_writes_the_page_and_refuses_a_single_table(tmp_path, capsys):
+    from simu_core.cli import main as cli_main
+
+    folders = [_table(tmp_path / b, _block_diffs(s), root=f"/cache/{b}") for b, s in (("b1", 0.0), ("b2", 0.02))]
+    assert cli_main(["bench", "pool", "--tables", ",".join(map(str, folders)), "--out", str(tmp_path / "p")]) == 0
+    page = (tmp_path / "p" / "pooled.md").read_text()
+    assert "simu_paper − so_graddiff**, over 4 blocks (8 seed pairs)" in page and "**better**" in page
+    assert json.loads((tmp_path / "p" / "pooled.json").read_text())["settings"]["tables"]["b2"] == "/cache/b2"
+    assert cli_main(["bench", "pool", "--tables", str(folders[0]), "--out", str(tmp_path / "q")]) == 2
+    assert "two or more quality tables" in capsys.readouterr().err
