@@ -1102,9 +1102,10 @@ def stop_counts(records: Sequence[dict]) -> dict[str, dict[str, str]]:
 
 
 def pooled_markdown(records: Sequence[dict], settings: dict) -> str:
-    """The pooled page: tables and protocol, stop reached per table, and the differences over blocks."""
+    """The pooled page: tables and protocol, stop reached per table, the differences over blocks, the means."""
     bases = list(settings["tables"])
-    titles = {key: title for key, title, _ in get_benchmark(settings["benchmark"]).columns}
+    bench = get_benchmark(settings["benchmark"])
+    titles = {key: title for key, title, _ in bench.columns}
     counts = stop_counts(records)
     lines = [
         "# SIMU quality tables pooled over base models",
@@ -1124,11 +1125,15 @@ def pooled_markdown(records: Sequence[dict], settings: dict) -> str:
         POOL_LEGEND + (_MUSE_PAIRS_LEGEND if settings.get("stop") == "muse" else ""),
         "",
     ]
+    methods = [m for m in dict.fromkeys(r["method"] for r in records) if m not in REFERENCE_ROWS]
+    means = markdown_table(aggregate_records(records, [k for k, _, _ in bench.columns]), settings["splits"], methods,
+                           bench.columns)  # fmt: skip
     for pair, stats in pooled_differences(records, settings).items():
         n = max(d["n"] for d in stats.values())
         pairs = max(d["pairs"] for d in stats.values())
         cells = [_pooled_cell(titles[k], d) for k, d in stats.items() if d["diff"] is not None]
         lines.append(f"- **{pair}**, over {n} blocks ({pairs} seed pairs): " + "; ".join(cells) + ".")
+    lines += ["", "## Means over every base (mean ± std over bases x seeds; reference rows: the mean)", "", means]
     return "\n".join(lines) + "\n"
 
 

@@ -655,6 +655,7 @@ def test_cli_bench_pool_writes_the_page_and_refuses_a_single_table(tmp_path, cap
     assert cli_main(["bench", "pool", "--tables", ",".join(map(str, folders)), "--out", str(tmp_path / "p")]) == 0
     page = (tmp_path / "p" / "pooled.md").read_text()
     assert "simu_paper − so_graddiff**, over 4 blocks (8 seed pairs)" in page and "**better**" in page
+    assert "| **simu_paper** | 4 (0) |" in page  # the means: 2 bases x 2 seeds per split
     assert json.loads((tmp_path / "p" / "pooled.json").read_text())["settings"]["tables"]["b2"] == "/cache/b2"
     assert cli_main(["bench", "pool", "--tables", str(folders[0]), "--out", str(tmp_path / "q")]) == 2
     assert "two or more quality tables" in capsys.readouterr().err
