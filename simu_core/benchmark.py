@@ -1049,12 +1049,20 @@ def read_tables(folders: Sequence[str | Path]) -> tuple[list[dict], dict]:
         shared = {key: meta.get(key) for key in POOL_SETTINGS}
         if settings is None:
             settings = shared
-        differs = [key for key in POOL_SETTINGS if shared[key] != settings[key]]
+        differs = [key for key in POOL_SETTINGS if not _same_setting(key, shared[key], settings[key])]
         if differs:
             raise SimuError(f"{folder} was run with other settings ({', '.join(differs)}) than {folders[0]}: "
                             "pool only tables of one protocol (same splits, stop, tuning file and evaluation).")  # fmt: skip
         records += [{**r, "base": folder.name} for r in table["records"]]
     return records, {**settings, "tables": roots}
+
+
+def _same_setting(key: str, a, b) -> bool:
+    """Whether two tables' values of a `POOL_SETTINGS` key agree; tuning picks need only agree on the methods
+    both tables ran (a table may run fewer methods)."""
+    if key == "tuned" and a and b:
+        return all(a[m] == b[m] for m in set(a) & set(b))
+    return a == b
 
 
 def replicate_difference(records: Sequence[dict], a: str, b: str, metric: str) -> dict:

@@ -576,7 +576,8 @@ def test_under_muses_stop_a_run_that_never_reached_it_leaves_its_pairs():
 # Pooling tables over base models
 # --------------------------------------------------------------------------------------------
 
-_POOL_META = {"benchmark": "builtin", "splits": ["forget10b", "forget10c"], "stop": "muse", "tuned": {},
+_POOL_META = {"benchmark": "builtin", "splits": ["forget10b", "forget10c"], "stop": "muse",
+              "tuned": {"simu_paper": {"lr": 1e-3}},
               "eval": {"max_items": 200}, "overrides": {}, "relearn": None}  # fmt: skip
 
 
@@ -621,13 +622,25 @@ def test_pooled_words_follow_the_columns_goal():
 
 @pytest.mark.parametrize(
     ("meta", "message"),
-    [({"stop": "em"}, r"other settings \(stop\)"), ({"root": "/cache/b1"}, "same base model")],
+    [
+        ({"stop": "em"}, r"other settings \(stop\)"),
+        ({"root": "/cache/b1"}, "same base model"),
+        ({"tuned": {"simu_paper": {"lr": 3e-4}}}, r"other settings \(tuned\)"),
+    ],
 )
 def test_tables_of_another_protocol_or_the_same_base_are_not_pooled(tmp_path, meta, message):
     first = _table(tmp_path / "b1", _block_diffs(0.0), root="/cache/b1")
     second = _table(tmp_path / "b2", _block_diffs(0.0), **{"root": "/cache/b2", **meta})
     with pytest.raises(SimuError, match=message):
         benchmark.read_tables([first, second])
+
+
+def test_tables_that_ran_other_methods_pool_when_their_shared_picks_agree(tmp_path):
+    first = _table(tmp_path / "b1", _block_diffs(0.0), root="/cache/b1", tuned={"simu_paper": {"lr": 1e-3}})
+    both = {"simu_paper": {"lr": 1e-3}, "so_graddiff": {"lr": 3e-4}}
+    second = _table(tmp_path / "b2", _block_diffs(0.0), root="/cache/b2", tuned=both)
+    records, _ = benchmark.read_tables([first, second])
+    assert {r["base"] for r in records} == {"b1", "b2"}
 
 
 def test_pooling_names_a_missing_table_with_the_fix(tmp_path):
