@@ -702,7 +702,7 @@ def finetune_cmd(args: argparse.Namespace) -> dict:
 def _staged_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=("tiny", "mid"), default="tiny",
                    help="tiny: the default built-in's 1.2M-parameter shape (minutes); mid: 6.8M parameters (about "
-                        "an hour on 2 CPU cores, minutes on a GPU)")  # fmt: skip
+                        "40 minutes on 2 CPU cores, minutes on a GPU)")  # fmt: skip
     p.add_argument("--train-seed", type=int, default=0,
                    help="seeds initialisation and batch order only (the data stay the same): one base-model replicate")  # fmt: skip
     p.add_argument("--parts", default=None,

@@ -85,7 +85,7 @@ class StagedConfig:
 
 def staged_config(size: str = "tiny", train_seed: int = 0) -> StagedConfig:
     """The preset of a size: "tiny" is the one-stage default's shape (1.2M parameters, minutes on a CPU core);
-    "mid" a 6-layer d=256 Llama of about 6.8M parameters (built once and cached; about an hour on 2 CPU cores)."""
+    "mid" a 6-layer d=256 Llama of about 6.8M parameters (built once and cached; about 40 minutes on 2 CPU cores)."""
     if size not in STAGED_SIZES:
         raise SimuError(f"unknown two-stage size '{size}'. Choose one of: {', '.join(STAGED_SIZES)}.")
     if size == "mid":
