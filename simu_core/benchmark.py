@@ -852,14 +852,19 @@ _MUSE_PAIRS_LEGEND = (
 )
 
 
+def matched_runs(records: Sequence[dict], stop: str | None) -> list[dict]:
+    """The records that enter paired comparisons: under MUSE's stop, a run that never reached it forgot less
+    than the others, so its forgetting is not matched and it leaves every pair."""
+    return [r for r in records if stop != "muse" or r.get("reached_target") != 0.0]
+
+
 def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
     """Method minus other for each pair of `PAIRED_COMPARISONS` that ran, per split and table metric (steps
     and time left out): a t-interval over seeds, and for shares of items (EM, known) also Newcombe's interval
     over the items; where the splits are disjoint (`pooled_splits`), also over every split's seeds pooled.
     Under MUSE's stop, runs that did not reach it within their budget are left out of every pair."""
     metrics = [(key, title) for key, title, _ in qc.bench.columns if key not in RUN_COLUMNS]
-    if qc.stop == "muse":  # a run that never reached MUSE's point forgot less: its pairs are not matched
-        records = [r for r in records if r.get("reached_target") != 0.0]
+    records = matched_runs(records, qc.stop)
     lines = []
     for split in qc.splits:
         n_items = items_evaluated(records, qc, split) if any(r["split"] == split for r in records) else {}
@@ -1087,8 +1092,7 @@ def pooled_differences(records: Sequence[dict], settings: dict) -> dict:
     """{"<method> − <other>": {metric: replicate_difference + "judged"}} for every pair of `PAIRED_COMPARISONS`
     that ran, on the benchmark's table columns; under MUSE's stop, runs that did not reach it leave their pairs."""
     columns = get_benchmark(settings["benchmark"]).columns
-    if settings.get("stop") == "muse":
-        records = [r for r in records if r.get("reached_target") != 0.0]
+    records = matched_runs(records, settings.get("stop"))
     ran = {r["method"] for r in records}
     out: dict = {}
     for method, other in PAIRED_COMPARISONS:
@@ -1109,12 +1113,13 @@ def stop_counts(records: Sequence[dict]) -> dict[str, dict[str, str]]:
     return {m: {base: f"{sum(v > 0 for v in vs)}/{len(vs)}" for base, vs in per.items()} for m, per in out.items()}
 
 
-def pooled_markdown(records: Sequence[dict], settings: dict) -> str:
-    """The pooled page: tables and protocol, stop reached per table, the differences over blocks, the means."""
+def pooled_markdown(records: Sequence[dict], pooled: dict) -> str:
+    """The pooled page from `records` and `write_pooled`'s payload (settings, stop_reached, differences):
+    tables and protocol, stop reached per table, the differences over blocks, the means."""
+    settings, counts = pooled["settings"], pooled["stop_reached"]
     bases = list(settings["tables"])
     bench = get_benchmark(settings["benchmark"])
     titles = {key: title for key, title, _ in bench.columns}
-    counts = stop_counts(records)
     lines = [
         "# SIMU quality tables pooled over base models",
         "",
@@ -1136,7 +1141,7 @@ def pooled_markdown(records: Sequence[dict], settings: dict) -> str:
     methods = [m for m in dict.fromkeys(r["method"] for r in records) if m not in REFERENCE_ROWS]
     means = markdown_table(aggregate_records(records, [k for k, _, _ in bench.columns]), settings["splits"], methods,
                            bench.columns)  # fmt: skip
-    for pair, stats in pooled_differences(records, settings).items():
+    for pair, stats in pooled["differences"].items():
         n = max(d["n"] for d in stats.values())
         pairs = max(d["pairs"] for d in stats.values())
         cells = [_pooled_cell(titles[k], d) for k, d in stats.items() if d["diff"] is not None]
@@ -1161,7 +1166,7 @@ def write_pooled(folders: Sequence[str | Path], out: str | Path) -> dict:
     payload = {"settings": settings, "stop_reached": stop_counts(records),
                "differences": pooled_differences(records, settings)}  # fmt: skip
     write_json_atomic(out / "pooled.json", _json_safe(payload))
-    (out / "pooled.md").write_text(pooled_markdown(records, settings), encoding="utf-8")
+    (out / "pooled.md").write_text(pooled_markdown(records, payload), encoding="utf-8")
     return {"json": str(out / "pooled.json"), "markdown": str(out / "pooled.md")}
 
 
