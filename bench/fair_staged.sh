@@ -30,10 +30,14 @@ lane() {
         --methods "$METHODS" --tuned "$TUNED" --stop muse --relearn --out "results/fair_$name"
 }
 
-tables=()
+tables=() pids=()
 for seed in $SEEDS; do
     lane "$seed" > "results/fair_staged-$SIZE-seed$seed.log" 2>&1 &
-    tables+=("results/fair_staged-$SIZE-seed$seed")
+    pids+=($!) tables+=("results/fair_staged-$SIZE-seed$seed")
 done
-wait
+failed=0
+for i in "${!pids[@]}"; do  # a failed lane may leave an older page behind: never pool it
+    wait "${pids[$i]}" || { echo "lane ${tables[$i]} failed: see ${tables[$i]}.log" >&2; failed=1; }
+done
+[ "$failed" = 0 ] || exit 1
 $PY -m simu_core bench pool --tables "$(IFS=,; echo "${tables[*]}")" --out "results/fair_staged-$SIZE"
