@@ -775,16 +775,17 @@ def paired_difference(records: Sequence[dict], split: str | Sequence[str], a: st
     )  # fmt: skip
 
 
-def pick_tuned(points: Sequence[dict], kept: Sequence[str], probe: str) -> dict | None:
-    """The tuning rule of the equal grid (issue 17): of the grid points (each {"muse": checkpoint scores or
-    None, ...}), the one whose checkpoint keeps the most (mean of the `kept` scores), ties to the lower
-    `probe` (less of the forget facts left), then to the earlier step; None when no point reached it."""
-    reached = [p for p in points if p["muse"]]
+def pick_tuned(points: Sequence[dict], kept: Sequence[str], probe: str, reading: str = "muse") -> dict | None:
+    """The tuning rule of the equal grid (issue 17): of the grid points (each {reading: the scores at matched
+    forgetting, e.g. MUSE's checkpoint, or None, ...}), the one that keeps the most there (mean of the `kept`
+    scores), ties to the lower `probe` (less of the forget facts left), then to the earlier step; None when no
+    point reached it."""
+    reached = [p for p in points if p[reading]]
     if not reached:
         return None
     # rounded so that equal shares of items tie exactly (0.94 + 1.00 and 0.98 + 0.96 in floating point)
-    return max(reached, key=lambda p: (round(kept_mean(p["muse"], kept), 9), -p["muse"].get(probe, 0.0),
-                                       -p["muse"]["step"]))  # fmt: skip
+    return max(reached, key=lambda p: (round(kept_mean(p[reading], kept), 9), -p[reading].get(probe, 0.0),
+                                       -p[reading]["step"]))  # fmt: skip
 
 
 def kept_mean(scores: dict, kept: Sequence[str]) -> float:

@@ -438,6 +438,15 @@ def test_the_tuning_rule_picks_nothing_when_no_point_reached_the_checkpoint():
     assert benchmark.pick_tuned([_grid_point(1e-4, None)], KEPT, "forget/fact_probe") is None
 
 
+def test_the_tuning_rule_reads_the_benchmarks_own_matched_point():
+    # SmolLM2 has no retain reference: its points hold the scores at the forget target under "matched"
+    known = ("retain/knows", "general/knows")
+    points = [{"lr": 1e-5, "matched": None},
+              {"lr": 1e-4, "matched": {"step": 20, "retain/knows": 1.0, "general/knows": 0.8, "forget/prob": 0.1}},
+              {"lr": 3e-5, "matched": {"step": 40, "retain/knows": 1.0, "general/knows": 0.9, "forget/prob": 0.2}}]  # fmt: skip
+    assert benchmark.pick_tuned(points, known, "forget/prob", reading="matched")["lr"] == 3e-5
+
+
 # --------------------------------------------------------------------------------------------
 # The fair-test options (issue 17): tuned picks, MUSE's stop, the relearning attack
 # --------------------------------------------------------------------------------------------
