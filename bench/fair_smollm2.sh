@@ -4,17 +4,18 @@
 # points, Sophia calibrated to 30% unclipped, the benchmark's 60-step budget and forget-known stop), then the
 # quality table on the forget split with every method at its pick and the relearning attack on every row.
 # Resumable: the grid's points and the table's cells keep what they finished. Lanes run side by side, one CPU
-# thread each (the grid: one per retain weight; the table: two by method), then the page from every cell.
+# thread each, then the page from every cell.
 #
 #   bash bench/fair_smollm2.sh [SEEDS=1]
 #
-# GAMMAS="5 20" and LRS=1e-5,1e-4 set the grid (bench/tune_equal.py's SmolLM2 defaults).
+# The grid, as docs/RESULTS.md reports it: lr {1e-5, 1e-4} x gamma {5, 20} for every method (one lane per
+# gamma); then lr 3e-5 at gamma 5 for every method (added when the coarse grid's picks sat a factor 10 apart);
+# then the edges where picks sat: lr 3e-4 for the two SIMU variants (gamma 5; the paper's SIMU also at its
+# pick's gamma 20) and lr 3e-6 for SOUL and FO-GradDiff (gamma 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${1:-1}
 PY=${PY:-.venv/bin/python}
-GAMMAS=${GAMMAS:-5 20}
-LRS=${LRS:-1e-5,1e-4}
 TUNED=bench/results/tuning_equal_smollm2.json
 OUT=results/fair_smollm2
 export HF_HUB_OFFLINE=1
@@ -33,13 +34,18 @@ run_lanes() {  # run_lanes NAME CMD... : each CMD in the background, logged to r
     return "$failed"
 }
 
-lanes=() parts=()
-for gamma in $GAMMAS; do
-    parts+=("bench/results/tuning/equal_smollm2_g$gamma.json")
-    lanes+=("$PY bench/tune_equal.py --benchmark smollm2 --lrs $LRS --gammas $gamma --threads 1 --out ${parts[-1]}")
-done
-run_lanes tune_smollm2 "${lanes[@]}"
-$PY bench/tune_equal.py --benchmark smollm2 --merge "$(IFS=,; echo "${parts[*]}")" --out "$TUNED"
+GRID="$PY bench/tune_equal.py --benchmark smollm2 --threads 1"
+T=bench/results/tuning
+run_lanes tune_smollm2 "$GRID --lrs 1e-5,1e-4 --gammas 5 --out $T/equal_smollm2_g5.json" \
+                       "$GRID --lrs 1e-5,1e-4 --gammas 20 --out $T/equal_smollm2_g20.json"
+run_lanes tune_smollm2_mid "$GRID --lrs 3e-5 --gammas 5 --methods simu,simu_paper --out $T/mid_smollm2_masked.json" \
+                           "$GRID --lrs 3e-5 --gammas 5 --methods so_graddiff,fo_graddiff --out $T/mid_smollm2_unmasked.json"
+run_lanes tune_smollm2_edge \
+    "$GRID --lrs 3e-4 --gammas 5 --methods simu,simu_paper --out $T/edge_smollm2_masked_g5.json && \
+     $GRID --lrs 3e-4 --gammas 20 --methods simu_paper --out $T/edge_smollm2_masked_g20.json" \
+    "$GRID --lrs 3e-6 --gammas 5 --methods so_graddiff,fo_graddiff --out $T/edge_smollm2_unmasked_g5.json"
+$PY bench/tune_equal.py --benchmark smollm2 --out "$TUNED" \
+    --merge "$(ls $T/{equal,mid,edge}_smollm2_*.json | paste -sd,)"
 
 table="$PY -m simu_core bench quality --benchmark smollm2 --seeds $SEEDS --threads 1 --tuned $TUNED --relearn --out $OUT"
 run_lanes fair_smollm2 "$table --methods simu_paper,so_graddiff,simu" "$table --methods random_mask_paper,fo_graddiff,random_mask"
