@@ -43,7 +43,7 @@ import _common
 import torch
 from bench_tradeoff import KEPT, PROBE, bench_sets, curve_of, readings
 
-from simu_core.benchmark import QualityConfig, kept_mean, pick_tuned, run_quality
+from simu_core.benchmark import QualityConfig, get_benchmark, kept_mean, pick_tuned, run_quality
 from simu_core.metrics import EvalConfig
 from simu_core.unlearn import preset_config
 
@@ -159,7 +159,8 @@ def knowledge_points(methods: list[str], lr: float, gamma: float, args) -> list[
     settings = {m: {**point_settings(m, lr, gamma, args.rho_share), "steps": args.steps} for m in methods}
     out = _common.RESULTS / "tuning" / f"{args.benchmark}_equal" / f"lr={lr:g}_gamma={gamma:g}"
     qc = QualityConfig(splits=[args.split], methods=methods, seeds=[args.seed], tuned=settings, out=str(out),
-                       eval=EvalConfig(max_items=200, max_new_tokens=12), benchmark=args.benchmark)  # fmt: skip
+                       eval=EvalConfig(max_items=200, max_new_tokens=get_benchmark(args.benchmark).answer_tokens),
+                       benchmark=args.benchmark)  # fmt: skip
     start = time.perf_counter()
     records = {r["method"]: r for r in run_quality(qc, lambda line, _: print(line, flush=True)).records}
     seconds = round(time.perf_counter() - start, 1)

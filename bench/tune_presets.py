@@ -26,7 +26,7 @@ import json
 import torch
 from _common import RESULTS, write_json  # noqa: E402
 
-from simu_core.benchmark import TUNING_SEED, QualityConfig, ensure_size, run_quality  # noqa: E402
+from simu_core.benchmark import TUNING_SEED, QualityConfig, ensure_size, get_benchmark, run_quality  # noqa: E402
 from simu_core.config import parse_setting_value, unlearn_overrides  # noqa: E402
 from simu_core.metrics import EvalConfig  # noqa: E402
 from simu_core.unlearn import METHODS  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
     if not args.table:
         builtin = args.benchmark == "builtin"
         root = args.root or (str(ensure_size(None)) if builtin else None)
-        new_tokens = 32 if builtin else 12
+        new_tokens = get_benchmark(args.benchmark).answer_tokens
         for point in grid_points(args.grid):
             qc = QualityConfig(splits=[split], methods=[args.method], seeds=[TUNING_SEED],
                                eval=EvalConfig(max_items=200, max_new_tokens=new_tokens), overrides=unlearn_overrides(point),

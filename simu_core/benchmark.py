@@ -149,6 +149,7 @@ class Benchmark:
     forget_metric: str = "forget/exact_match"  # what "matched forgetting" compares
     retain_metric: str = "retain/exact_match"
     relearn: RelearnConfig = field(default_factory=lambda: RelearnConfig(steps=10, lr=1e-3))  # the attack's settings
+    answer_tokens: int = 32  # the greedy answers' length in the table's evaluation (tokens)
 
     def check_split(self, split: str) -> None:
         if split not in (*self.splits, *self.held_out_splits, *self.tuning_splits):
@@ -181,7 +182,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "smollm2", "builtin:smollm2", ("forget",), _knowledge_data, lambda split: None,
         columns=KNOWLEDGE_COLUMNS, tuning_splits=("other_capitals",),
         forget_metric="forget/knows", retain_metric="retain/knows",
-        relearn=RelearnConfig(steps=10, lr=1e-5, max_new_tokens=12),
+        relearn=RelearnConfig(steps=10, lr=1e-5, max_new_tokens=12), answer_tokens=12,
         title="real-knowledge benchmark (SmolLM2-135M-Instruct: forget Asia's capitals, keep Europe's)",
     ),
 }  # fmt: skip

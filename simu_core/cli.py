@@ -838,7 +838,8 @@ def bench_cmd(args: argparse.Namespace) -> dict:
         methods=methods,
         seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
         eval=EvalConfig(
-            max_items=args.max_items or None, max_new_tokens=args.max_new_tokens or (32 if builtin else 12)
+            max_items=args.max_items or None,
+            max_new_tokens=args.max_new_tokens or get_benchmark(args.benchmark).answer_tokens,
         ),
         overrides={**overrides, "steps": args.steps} if args.steps else overrides,
         root=str(root) if root else None,
