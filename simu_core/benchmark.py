@@ -460,8 +460,24 @@ def _record(cell: Cell, key: str, report: Report, extra: dict, relearned: dict) 
         "cell": cell.name, "split": cell.split, "method": cell.method, "seed": cell.seed, "key": key,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "metrics": summary, "notes": report.notes, "skipped": report.skipped,
-        "n_items": {name: len(split.indices) for name, split in report.splits.items()}, "eval_seconds": report.seconds.get("total"), **extra,
+        "n_items": {name: len(split.indices) for name, split in report.splits.items()}, "eval_seconds": report.seconds.get("total"),
+        "items": item_outcomes(report), **extra,
     })  # fmt: skip
+
+
+ITEM_SHARES = ("knows", "exact_match")  # per-item 0/1 outcomes kept in each cell, for paired intervals
+
+
+def item_outcomes(report: Report) -> dict[str, dict[str, list]]:
+    """{role: {"indices": the evaluated items' positions, "<share>": one 0/1 per item}} for each share of
+    `ITEM_SHARES` the report has: what pairing two methods' answers item by item needs."""
+    out = {}
+    for role, split in report.splits.items():
+        shares = {name: [None if v is None else int(v) for v in split.values[name]]
+                  for name in ITEM_SHARES if name in split.values}  # fmt: skip
+        if shares:
+            out[role] = {"indices": list(split.indices), **shares}
+    return out
 
 
 def run_reference_cell(cell: Cell, ctx: _Context, key: str) -> dict:
@@ -813,6 +829,50 @@ def proportion_difference(p1: float, n1: int, p2: float, n2: int) -> dict:
     return {"diff": diff, "low": low, "high": high, "n": (n1, n2), "word": word}
 
 
+def paired_proportion_difference(x: Sequence[int], y: Sequence[int]) -> dict:
+    """mean(x) - mean(y) for two 0/1 outcomes of the same items (x[i] and y[i] answer item i), with
+    Newcombe's square-and-add 95% interval for paired data (his 1998 method 10): each share's Wilson interval,
+    combined with the correlation of the pairs (phi, shrunk towards 0 by n/2 when positive, 0 when a margin
+    is empty). Narrower than `proportion_difference` when the two agree on most items. Same keys."""
+    if len(x) != len(y) or not len(x):
+        raise SimuError(f"paired outcomes need the same items on both sides (got {len(x)} and {len(y)}).")
+    n = len(x)
+    both = sum(1 for a, b in zip(x, y, strict=True) if a and b)
+    only_x, only_y = sum(x) - both, sum(y) - both
+    neither = n - both - only_x - only_y
+    p1, p2 = sum(x) / n, sum(y) / n
+    (l1, u1), (l2, u2) = _wilson(sum(x), n), _wilson(sum(y), n)
+    margins = sum(x) * (n - sum(x)) * sum(y) * (n - sum(y))
+    cross = both * neither - only_x * only_y
+    shrunk = cross - n / 2 if cross > n / 2 else min(cross, 0)
+    phi = shrunk / math.sqrt(margins) if margins else 0.0
+    diff = p1 - p2
+    low = diff - math.sqrt(max((p1 - l1) ** 2 + (u2 - p2) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2), 0.0))
+    high = diff + math.sqrt(max((p2 - l2) ** 2 + (u1 - p1) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1), 0.0))
+    word = "higher" if low > 0 else "lower" if high < 0 else "no difference"
+    return {"diff": diff, "low": low, "high": high, "n": n, "word": word}
+
+
+def item_pairs(records: Sequence[dict], split: str, a: str, b: str) -> dict[str, tuple[list, list]] | None:
+    """{"<role>/<share>": (a's 0/1 per item, b's)} for the items both methods answered, when each ran one
+    seed, the same one, and their cells kept per-item outcomes (`item_outcomes`) of the same items; None
+    otherwise (with several seeds the item shares are seed means, and the interval stays the independent one)."""
+    runs = {m: [r for r in records if r["split"] == split and r["method"] == m] for m in (a, b)}
+    if any(len(rs) != 1 for rs in runs.values()) or runs[a][0]["seed"] != runs[b][0]["seed"]:
+        return None
+    items_a, items_b = runs[a][0].get("items") or {}, runs[b][0].get("items") or {}
+    pairs = {}
+    for role in set(items_a) & set(items_b):
+        if items_a[role]["indices"] != items_b[role]["indices"]:
+            continue
+        for share in ITEM_SHARES:
+            x, y = items_a[role].get(share), items_b[role].get(share)
+            kept = [(u, v) for u, v in zip(x or (), y or (), strict=True) if u is not None and v is not None]
+            if kept:
+                pairs[f"{role}/{share}"] = ([u for u, _ in kept], [v for _, v in kept])
+    return pairs or None
+
+
 def items_evaluated(records: Sequence[dict], qc: QualityConfig, split: str) -> dict[str, int]:
     """Items evaluated per data role of `split`: from the records, else the data sizes capped at max_items."""
     for record in records:
@@ -825,8 +885,9 @@ def items_evaluated(records: Sequence[dict], qc: QualityConfig, split: str) -> d
 PAIRED_LEGEND = (
     "Over seeds: the mean of the seed-by-seed differences with a t-interval (seeds change batch order, Sophia's "
     "sampled labels and the random mask; with whole-set batches some methods give identical runs, and no interval). "
-    "Over the items: Newcombe's interval for the difference of two shares of the same evaluated items (each method's "
-    "mean over seeds), computed as if independent, so conservative."
+    "Over the items: Newcombe's interval for the difference of two shares of the same evaluated items. Where each "
+    "method ran one seed and its cell kept every item's outcome, the interval is his paired one (square-and-add with "
+    "the pairs' correlation); otherwise it takes each method's mean over seeds as if independent, so conservative."
 )
 
 
@@ -875,18 +936,28 @@ def paired_text(records: Sequence[dict], qc: QualityConfig) -> str:
             if method not in qc.methods or other not in rows or method not in rows:
                 continue
             seeds, n = _seed_intervals(records, split, method, other, metrics)
+            pairs = item_pairs(records, split, method, other)
             items = []
             for key, title in metrics:
                 role, _, name = key.partition("/")
                 a, b = rows[method].get(key, {}).get("mean"), rows[other].get(key, {}).get("mean")
-                if name in ("knows", "exact_match") and role in n_items and a is not None and b is not None:
+                if name not in ITEM_SHARES or a is None or b is None:
+                    continue
+                if pairs is not None:  # every interval of the line paired, or none
+                    if key not in pairs:
+                        continue
+                    p = paired_proportion_difference(*pairs[key])
+                elif role in n_items:
                     p = proportion_difference(a, n_items[role], b, n_items[role])
-                    items.append(f"{title} {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] {p['word']}")
+                else:
+                    continue
+                items.append(f"{title} {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] {p['word']}")
             pair = f"{split}, {method} − {other}"
             if seeds:
                 lines.append(f"- **{pair}**, over {n} paired seeds: " + "; ".join(seeds) + ".")
             if items:
-                lines.append(f"- **{pair}**, over the items (seed means): " + "; ".join(items) + ".")
+                how = "paired item by item" if pairs is not None else "seed means"
+                lines.append(f"- **{pair}**, over the items ({how}): " + "; ".join(items) + ".")
     pooled = pooled_splits(qc)
     for method, other in PAIRED_COMPARISONS if pooled else ():
         seeds, n = _seed_intervals(records, pooled, method, other, metrics)

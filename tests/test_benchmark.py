@@ -392,6 +392,54 @@ def test_proportion_difference_matches_newcombes_worked_example():
     assert (d["low"], d["high"]) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))
 
 
+def test_a_cell_keeps_each_items_outcome_for_paired_intervals(first_run):
+    out, _ = first_run
+    record = read_cell(out, Cell("forget10", "ga", 1))
+    forget = record["items"]["forget"]
+    assert len(forget["indices"]) == len(forget["exact_match"]) == record["n_items"]["forget"]
+    assert set(forget["exact_match"]) <= {0, 1}
+    assert sum(forget["exact_match"]) / len(forget["exact_match"]) == record["metrics"]["forget/exact_match"]
+
+
+def _table_2x2(both: int, only_x: int, only_y: int, neither: int) -> tuple[list[int], list[int]]:
+    """Two 0/1 outcome lists over the same items with the given counts of each pair of outcomes."""
+    x = [1] * both + [1] * only_x + [0] * only_y + [0] * neither
+    y = [1] * both + [0] * only_x + [1] * only_y + [0] * neither
+    return x, y
+
+
+def test_paired_proportion_difference_matches_the_published_example():
+    # Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8: complete response
+    # before and after consolidation therapy (Cavo et al. 2012), pairs 59, 6, 16, 80; Newcombe's square-and-add
+    # interval -0.1186 to -0.0046 (printed to 4 decimals, hence the tolerance).
+    d = benchmark.paired_proportion_difference(*_table_2x2(59, 6, 16, 80))
+    assert d["diff"] == pytest.approx(-0.0621, abs=1e-4) and d["word"] == "lower"
+    assert (d["low"], d["high"]) == (pytest.approx(-0.1186, abs=1e-4), pytest.approx(-0.0046, abs=1e-4))
+
+
+def test_pairing_narrows_the_interval_when_two_methods_agree_on_most_items():
+    x, y = _table_2x2(10, 5, 0, 5)  # 15/20 vs 10/20: the 5 items where they differ all go one way
+    paired = benchmark.paired_proportion_difference(x, y)
+    independent = benchmark.proportion_difference(0.75, 20, 0.5, 20)
+    assert paired["diff"] == pytest.approx(independent["diff"])
+    assert paired["high"] - paired["low"] < independent["high"] - independent["low"]
+    assert paired["word"] == "higher" and independent["word"] == "no difference"
+
+
+def test_one_seed_cells_with_item_outcomes_are_compared_item_by_item():
+    qc = QualityConfig(splits=["forget05"], methods=["simu_paper", "so_graddiff"], seeds=[1])
+    x, y = _table_2x2(10, 5, 0, 5)
+    records = [_record(m, 1, 0.0, 0.5, retain_em=sum(o) / 20) for m, o in (("simu_paper", x), ("so_graddiff", y))]
+    for record, outcome in zip(records, (x, y), strict=True):
+        record["n_items"] = {"forget": 20, "retain": 20}
+        record["items"] = {"retain": {"indices": list(range(20)), "exact_match": outcome}}
+    text = benchmark.paired_text(records, qc)
+    assert "over the items (paired item by item): retain EM ↑ +0.250 [+0.032, +0.434] higher." in text
+    records[1]["items"]["retain"]["indices"] = list(range(1, 21))  # not the same items: no pairing
+    assert "over the items (seed means): forget EM ↓ +0.000" in benchmark.paired_text(records, qc)
+    assert "retain EM ↑ +0.250 [-0.047, +0.494] no difference." in benchmark.paired_text(records, qc)
+
+
 def test_the_table_shows_sophias_unclipped_share_and_no_interval_for_it():
     """A run fact beside the quality columns: the mean over seeds for Sophia's methods, – where a method
     has none (AdamW) or its cells predate the record; the paired report leaves it out."""
