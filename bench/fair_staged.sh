@@ -9,11 +9,13 @@
 #   bash bench/fair_staged.sh [SIZE=tiny] [TRAIN_SEEDS="1 2 3"]
 #
 # TUNED=FILE picks the tuning file (default: bench/tune_equal.py's on base 1 of that size,
-# bench/results/tuning_equal_staged-SIZE-seed1.json; run that first for a new size).
+# bench/results/tuning_equal_staged-SIZE-seed1.json; run that first for a new size). REPORT_SEEDS=N optimiser
+# seeds per split (default 3; with 1, each split's differences are paired item by item instead of over seeds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-tiny}
 SEEDS=${2:-1 2 3}
+REPORT_SEEDS=${REPORT_SEEDS:-3}
 PY=${PY:-.venv/bin/python}
 TUNED=${TUNED:-bench/results/tuning_equal_staged-$SIZE-seed1.json}
 METHODS=simu,random_mask,simu_paper,random_mask_paper,so_graddiff,fo_graddiff
@@ -26,7 +28,7 @@ HOME_DIR=$($PY -c "from simu_core.config import simu_home; print(simu_home())")
 lane() {
     local name="staged-$SIZE-seed$1"
     $PY -m simu_core build-staged --size "$SIZE" --train-seed "$1" --parts full,retain10b,retain10c --threads 1
-    $PY -m simu_core bench quality --root "$HOME_DIR/$name" --splits forget10b,forget10c --seeds 3 --threads 1 \
+    $PY -m simu_core bench quality --root "$HOME_DIR/$name" --splits forget10b,forget10c --seeds "$REPORT_SEEDS" --threads 1 \
         --methods "$METHODS" --tuned "$TUNED" --stop muse --relearn --out "results/fair_$name"
 }
 
