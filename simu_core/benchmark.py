@@ -836,13 +836,13 @@ def paired_proportion_difference(x: Sequence[int], y: Sequence[int]) -> dict:
     is empty). Narrower than `proportion_difference` when the two agree on most items. Same keys."""
     if len(x) != len(y) or not len(x):
         raise SimuError(f"paired outcomes need the same items on both sides (got {len(x)} and {len(y)}).")
-    n = len(x)
+    n, k1, k2 = len(x), sum(x), sum(y)
     both = sum(1 for a, b in zip(x, y, strict=True) if a and b)
-    only_x, only_y = sum(x) - both, sum(y) - both
+    only_x, only_y = k1 - both, k2 - both
     neither = n - both - only_x - only_y
-    p1, p2 = sum(x) / n, sum(y) / n
-    (l1, u1), (l2, u2) = _wilson(sum(x), n), _wilson(sum(y), n)
-    margins = sum(x) * (n - sum(x)) * sum(y) * (n - sum(y))
+    p1, p2 = k1 / n, k2 / n
+    (l1, u1), (l2, u2) = _wilson(k1, n), _wilson(k2, n)
+    margins = k1 * (n - k1) * k2 * (n - k2)
     cross = both * neither - only_x * only_y
     shrunk = cross - n / 2 if cross > n / 2 else min(cross, 0)
     phi = shrunk / math.sqrt(margins) if margins else 0.0
