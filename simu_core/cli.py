@@ -874,11 +874,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from simu_core import distributed
+
     try:
         summary = args.func(args)
     except SimuError as err:
         print(f"error: {err}", file=sys.stderr)
+        distributed.close(wait=False)
         return 2
+    distributed.close()
     if summary is None:  # reported elsewhere (another process of a multi-process run)
         return 0
     if args.json:

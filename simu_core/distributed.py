@@ -175,6 +175,17 @@ def current(prefer_device: str | None = None) -> Group:
     return _GROUPS[prefer_device]
 
 
+def close(wait: bool = True) -> None:
+    """End this process's part of a multi-process run: wait for the others (`wait`; not after an error, when
+    they may never arrive), then tear the process group down. Left to the interpreter's exit, gloo's worker
+    threads can abort the process ("terminate called without an active exception") after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _GROUPS.clear()
+
+
 def check_batch_sizes(group: Group, *sizes: int) -> None:
     """SimuError when a batch has fewer rows than there are processes (some would never get data)."""
     small = [s for s in sizes if s < group.world]
