@@ -870,19 +870,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_group(wait: bool = True) -> None:
+    """Tear down a multi-process run's group (`distributed.close`); a command that never made one does not
+    pay for importing torch here."""
+    module = sys.modules.get("simu_core.distributed")
+    if module is not None:
+        module.close(wait)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from simu_core import distributed
-
     try:
         summary = args.func(args)
     except SimuError as err:
         print(f"error: {err}", file=sys.stderr)
-        distributed.close(wait=False)
+        _close_group(wait=False)
         return 2
-    distributed.close()
+    _close_group()
     if summary is None:  # reported elsewhere (another process of a multi-process run)
         return 0
     if args.json:
