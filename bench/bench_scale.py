@@ -8,7 +8,7 @@ the small and default built-in shapes (the numbers in bench/results/scale_cpu.js
 Per shape:
 - attribution: seconds of `attribute(simu_ig, m=5)` and `grad_x_act` on the forget items;
 - unlearning: `unlearn` with the SIMU and SOUL (so_graddiff) presets for `--steps` steps (no early
-  stop, no probes); median step time (curvature steps are 1 in 10 and included in the mean), peak
+  stop, no probes); the entries changed outside the slices each run trained (must be 0); median step time (curvature steps are 1 in 10 and included in the mean), peak
   memory after a 1-step warm-up (CUDA: max_memory_allocated; CPU: peak RSS rise + the resident base, with
   MALLOC_MMAP_THRESHOLD_=65536, see `memory.measure_peak`), optimiser state bytes,
   and the planner's estimate next to the measured peak;
@@ -112,6 +112,22 @@ def mfu(loaded, device: torch.device, batch: int, length: int, repeats: int) -> 
             "peak_tflops": peak, "mfu": round(achieved / peak, 4) if peak else None}  # fmt: skip
 
 
+def changed_outside(result) -> int:
+    """Entries of the unlearned model that differ from the base outside the slices the run trained
+    (`result.changes`: whole tensors or `index` on `dim`). 0 when the mask held, bit for bit."""
+    trained = {c.name: c for c in result.changes}
+    count = 0
+    for name, after in result.model.model.named_parameters():
+        differs = after.detach() != result.base.model.get_parameter(name).detach()
+        change = trained.get(name)
+        if change is not None and change.index is None:
+            continue
+        if change is not None:
+            differs.index_fill_(change.dim, change.index.to(differs.device), False)
+        count += int(differs.sum())
+    return count
+
+
 def run_method(loaded, forget, retain, method: str, steps: int, mask, device: torch.device) -> dict:
     from simu_core import memory
     from simu_core.unlearn import preset_config, unlearn
@@ -131,7 +147,8 @@ def run_method(loaded, forget, retain, method: str, steps: int, mask, device: to
             "step_median_s": round(statistics.median(seconds[1:] or seconds), 5),
             "step_mean_s": round(statistics.mean(seconds[1:] or seconds), 5),
             "peak_bytes": peak, "planned_bytes": plan.total, "planned_over_measured": round(plan.total / peak, 3),
-            "state_bytes": result.state_bytes, "trainable": result.trainable_params}  # fmt: skip
+            "state_bytes": result.state_bytes, "trainable": result.trainable_params,
+            "changed_outside_trained": changed_outside(result)}  # fmt: skip
 
 
 def bench_shape(name: str, device: torch.device, args) -> dict:
@@ -159,7 +176,8 @@ def bench_shape(name: str, device: torch.device, args) -> dict:
     row["peak_ratio_simu_over_soul"] = round(simu["peak_bytes"] / soul["peak_bytes"], 3)
     row["state_ratio_simu_over_soul"] = round(simu["state_bytes"] / soul["state_bytes"], 4)
     row["targets_met"] = {"step <= 0.8x": row["step_ratio_simu_over_soul"] <= 0.8,
-                          "state <= 10%": row["state_ratio_simu_over_soul"] <= 0.10}  # fmt: skip
+                          "state <= 10%": row["state_ratio_simu_over_soul"] <= 0.10,
+                          "nothing changed outside": simu["changed_outside_trained"] == soul["changed_outside_trained"] == 0}  # fmt: skip
     row["fwd_bwd"] = mfu(loaded, device, args.mfu_batch, args.mfu_len, args.mfu_repeats)
     loaded.model.to("meta")  # free the weights before the next shape
     if device.type == "cuda":
@@ -198,12 +216,13 @@ def main() -> None:
     rows = [bench_shape(s.strip(), device, args) for s in shapes]
     print(f"device: {name}")
     print(f"{'shape':<14}{'params':>14}{'SIMU step s':>13}{'SOUL step s':>13}{'step x':>8}{'peak x':>8}"
-          f"{'state x':>9}{'attr s':>8}{'MFU':>8}")  # fmt: skip
+          f"{'state x':>9}{'attr s':>8}{'MFU':>8}{'outside':>9}")  # fmt: skip
     for r in rows:
         mfu_text = "n/a" if r["fwd_bwd"]["mfu"] is None else f"{r['fwd_bwd']['mfu']:.3f}"
         print(f"{r['shape']:<14}{r['params']:>14,}{r['simu']['step_median_s']:>13.4f}{r['soul']['step_median_s']:>13.4f}"
               f"{r['step_ratio_simu_over_soul']:>8.3f}{r['peak_ratio_simu_over_soul']:>8.3f}"
-              f"{r['state_ratio_simu_over_soul']:>9.4f}{r['attribution_simu_ig_s']:>8.2f}{mfu_text:>8}")  # fmt: skip
+              f"{r['state_ratio_simu_over_soul']:>9.4f}{r['attribution_simu_ig_s']:>8.2f}{mfu_text:>8}"
+              f"{r['simu']['changed_outside_trained'] + r['soul']['changed_outside_trained']:>9}")  # fmt: skip
     out = args.out or str(REPO / "bench" / "results" / ("gpu.json" if device.type == "cuda" else "scale_cpu.json"))
     write_json(out, {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "load_average": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1),
