@@ -8,7 +8,8 @@ the small and default built-in shapes (the numbers in bench/results/scale_cpu.js
 Per shape:
 - attribution: seconds of `attribute(simu_ig, m=5)` and `grad_x_act` on the forget items;
 - unlearning: `unlearn` with the SIMU and SOUL (so_graddiff) presets for `--steps` steps (no early
-  stop, no probes); the entries changed outside the slices each run trained (must be 0); median step time (curvature steps are 1 in 10 and included in the mean), peak
+  stop, no probes); the weight entries changed outside the slices each run trained (must be 0);
+  median step time (curvature steps are 1 in 10 and included in the mean), peak
   memory after a 1-step warm-up (CUDA: max_memory_allocated; CPU: peak RSS rise + the resident base, with
   MALLOC_MMAP_THRESHOLD_=65536, see `memory.measure_peak`), optimiser state bytes,
   and the planner's estimate next to the measured peak;
