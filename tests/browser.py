@@ -79,9 +79,8 @@ def chromium() -> Iterator:
             browser.close()
 
 
-def settle(page, timeout_ms: int = 180_000) -> None:
-    """Wait until the app is connected and no script is running. The first run of a page imports torch and
-    loads the model: on 2 shared cores under load it once took over 60 s, so the bound is generous."""
+def settle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until the app is connected and no script is running."""
     page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=timeout_ms)
     page.wait_for_selector("[data-test-script-state='notRunning']", timeout=timeout_ms)
 
