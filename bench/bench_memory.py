@@ -10,9 +10,10 @@ questions come from the small built-in (token ids < 512 are valid in any vocabul
     .venv/bin/python bench/bench_memory.py [--cases small,default,smollm2] [--out bench/results/memory_cpu.json]
     .venv/bin/python bench/bench_memory.py --shards 2 --out bench/results/memory_cpu_sharded.json
 
-With `--shards N` each case runs on N gloo processes (`torch.distributed.run`): the whole-tensor
-methods sharded with FSDP (`unlearn --shard`), SIMU data-parallel; every process measures its own
-peak, and the row reports the largest against the plan per process (`plan(..., shards=N)`).
+With `--shards N` each case runs on N gloo processes (`torch.distributed.run`), sharded with FSDP
+(`unlearn --shard`: the working copy of every method, and the whole-tensor methods' gradients and
+state); every process measures its own peak, and the row reports the largest against the plan per
+process (`plan(..., shards=N)`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def measure_case(name: str, methods: list[str], shards: int = 1) -> list[dict]:
     from simu_core import data as qa
     from simu_core import memory
     from simu_core.models import LoadedModel, load_model
-    from simu_core.unlearn import compute_mask, preset_config, whole_tensor_methods
+    from simu_core.unlearn import compute_mask, preset_config
 
     root, model, rows, retain_rows, steps = CASES[name]
     base = load_model(str(REPO / root / "models" / "full"), device="cpu")
@@ -63,7 +65,7 @@ def measure_case(name: str, methods: list[str], shards: int = 1) -> list[dict]:
     for method in methods:
         config = preset_config(method, steps=steps, device="cpu", stop_forget_em=None, batch_size=len(forget.items),
                                retain_batch_size=len(retain.items), mask={"method": "grad_x_act"},
-                               shard=shards > 1 and method in whole_tensor_methods())  # fmt: skip
+                               shard=shards > 1)  # fmt: skip
         config.probe_every = 0
         mask = compute_mask(base, forget, retain, config.mask) if method in ("simu", "random_mask") else None
         t0 = time.perf_counter()
@@ -88,10 +90,14 @@ def run_case(name: str, methods: list[str], shards: int = 1) -> list[dict]:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(shards), "--master_port",
                    str(29500 + os.getpid() % 1000), __file__, "--worker", name, "--methods", ",".join(methods),
                    "--shards", str(shards)]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"case {name} failed:\n{done.stderr[-3000:]}")
-    per_process = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("[")]
+    with tempfile.TemporaryDirectory() as folder:  # one file per process: their stdout lines would interleave
+        done = subprocess.run(command, cwd=REPO, env={**env, "BENCH_OUT": folder}, capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"case {name} failed:\n{done.stderr[-3000:]}")
+        if shards == 1:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        per_process = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("rank*.json"))]
     return [max(rows, key=lambda r: r["measured_bytes"]) for rows in zip(*per_process, strict=True)]
 
 
@@ -100,11 +106,12 @@ def main() -> None:
     parser.add_argument("--cases", default="small,default,smollm2")
     parser.add_argument("--methods", default="simu,so_graddiff")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_cpu.json"))
-    parser.add_argument("--shards", type=int, default=1, help="processes per case (whole-tensor methods sharded)")
+    parser.add_argument("--shards", type=int, default=1, help="processes per case, sharded (FSDP)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one launched process of a case
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure_case(args.worker, args.methods.split(","), args.shards)), flush=True)
+        rows = measure_case(args.worker, args.methods.split(","), args.shards)
+        Path(os.environ["BENCH_OUT"], f"rank{os.environ['RANK']}.json").write_text(json.dumps(rows))
         return
     rows = []
     for name in args.cases.split(","):

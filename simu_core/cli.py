@@ -506,8 +506,9 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
                         "world facts / neighbour / general every N steps (default 0: off)")  # fmt: skip
     p.add_argument("--curve-items", type=int, default=None, help="items per set at each curve point (default 50)")
     p.add_argument("--shard", action="store_true", default=None,
-                   help="with --processes N: shard the weights, gradients and optimiser state over the processes "
-                        "with FSDP (methods that train whole tensors: SOUL, FO-GradDiff, GA, NPO)")  # fmt: skip
+                   help="with --processes N: shard the working copy over the processes with FSDP, and for the "
+                        "methods that train whole tensors (SOUL, FO-GradDiff, GA, NPO) their gradients and "
+                        "optimiser state too; SIMU's compact slices stay whole on every process")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--runs-dir", default=None, help="where run folders go (default $SIMU_HOME/runs)")
     _processes_arg(p)
@@ -639,8 +640,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neurons", type=int, default=None, help="SIMU's selected neurons in all (default: 5%% of them)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--shards", type=int, default=1,
-                   help="plan per process for `unlearn --processes N --shard`: N processes share each batch, and "
-                        "the whole-tensor methods (SOUL, FO-GradDiff, GA, NPO) are sharded over them (default 1)")  # fmt: skip
+                   help="plan per process for `unlearn --processes N --shard`: N processes share each batch and "
+                        "the working copy; the whole-tensor methods (SOUL, FO-GradDiff, GA, NPO) also their "
+                        "gradients and optimiser state (default 1)")  # fmt: skip
 
 
 @command("plan", "estimated memory per device of an unlearning run (SIMU vs SOUL side by side)", _plan_args)

@@ -17,9 +17,12 @@ leaves outside the module (`optim.SliceLeaves`), and Sophia's GNB / Hutchinson e
 communication, like the optimiser state, proportional to the mask, and entries outside the mask are
 never touched: they stay bit-identical to the original on every process.
 
-The methods that train whole tensors can instead be sharded (`--shard`, `shard_model`): PyTorch's
-FSDP2 splits every weight, gradient and optimiser moment over the processes; FSDP reduces the
-gradients in the backward, and the run is gathered into a plain model at the end.
+Every method can instead shard the working copy (`--shard`, `shard_model`): PyTorch's FSDP2 splits
+every weight over the processes, and for the methods that train whole tensors also their gradients
+and optimiser moments; FSDP reduces those gradients in the backward. SIMU's compact leaves stay
+outside FSDP, whole on every process: their gradients are summed as above, and each step writes the
+updated slices into the part of each weight this process holds (`write_slices`). The run is gathered
+into a plain model at the end.
 
 Only the main process (rank 0) writes run folders. On one process (no launcher) `current()` returns
 a group of one whose shard is the whole batch and whose reductions are the identity (accelerate is
@@ -197,7 +200,7 @@ def check_batch_sizes(group: Group, *sizes: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Sharding (FSDP2) for the methods that train whole tensors
+# Sharding (FSDP2)
 # --------------------------------------------------------------------------------------------
 
 
@@ -249,15 +252,50 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def local_rows(t: torch.Tensor) -> tuple[int, int]:
+    """[start, stop): the rows (dim 0) of `t` that this process holds (all of them when not sharded).
+
+    FSDP2 shards dim 0 as `torch.chunk` does: pieces of ceil(rows / world) rows, in rank order, the
+    last ones shorter or empty."""
+    rows = t.shape[0]
+    if not is_sharded(t):
+        return 0, rows
+    from torch.distributed.tensor import Shard
+
+    if tuple(t.placements) != (Shard(0),):
+        raise SimuError(f"expected a tensor sharded on dim 0 by FSDP, got placements {t.placements}.")
+    mesh = t.device_mesh
+    piece = -(-rows // mesh.size())
+    start = min(mesh.get_local_rank() * piece, rows)
+    stop = min(start + piece, rows)
+    if t.to_local().shape[0] != stop - start:  # FSDP's layout changed: writing would corrupt weights
+        raise SimuError(f"this process holds {t.to_local().shape[0]} rows of {rows}, expected {stop - start}.")
+    return start, stop
+
+
 @torch.no_grad()
-def unsharded_copy(like: torch.nn.Module, sharded: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A plain float32 copy of `like` on `device` holding the values of `sharded` (the same model
-    sharded): every process gathers every parameter, so every process must call it."""
+def write_slices(param: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    """`param[..., index, ...] = values` along `dim` (`index` long [n], `values` the compact slices),
+    other entries untouched. For a sharded parameter only this process's rows are written: the rows
+    it holds among `index` when `dim` is 0, else its rows of `values`."""
+    values = values.to(param.dtype)
+    if not is_sharded(param):
+        param.data.index_copy_(dim, index, values)
+        return
+    start, stop = local_rows(param)
+    part = param.data.to_local()
+    if dim == 0:
+        held = (index >= start) & (index < stop)
+        part.index_copy_(0, index[held] - start, values[held])
+    else:
+        part.index_copy_(dim, index, values[start:stop])
+
+
+def plain_copy(like: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A plain, frozen float32 copy of `like` on `device` (a sharded run's values are written into it)."""
     import copy
 
     plain = copy.deepcopy(like).to(device=device, dtype=torch.float32).eval()
-    for name, p in sharded.named_parameters():
-        plain.get_parameter(name).copy_(full_tensor(p.detach()))
     for p in plain.parameters():
         p.requires_grad_(False)
     return plain

@@ -146,7 +146,7 @@ class MemoryPlan:
     total: int
     device: str = ""
     available: int | None = None
-    shards: int = 1  # processes the weights, gradients and state are sharded over (FSDP), 1 = not sharded
+    shards: int = 1  # processes the working copy (and what trains whole) is sharded over (FSDP), 1 = not sharded
 
     @property
     def label(self) -> str:
@@ -210,14 +210,17 @@ def plan(
 
     `neurons`: SIMU's selected neurons in all (default `neuron_fraction` of the MLP neurons).
     `base_dtype`: the loaded base model's dtype (bf16 on GPUs that support it). `available`: free
-    bytes of the device, for `fits`. `shards`: processes the run is spread over (`--processes N`), each
-    with 1/N of the batch rows; a whole-tensor method is sharded over them (`--shard`, FSDP): each holds
-    1/N of the float32 working copy, the gradients, the optimiser state and the curvature, plus the
-    weights FSDP gathers while it computes (the root's, i.e. embeddings and head, all along, and two
-    decoder blocks at a time: one computing, one prefetched) and, while a unit's gradient is reduced,
-    its unsharded gradient and the reduce-scatter's flat copy (two more of the largest unit); the
-    loaded base model stays whole.
-    Methods that train neuron slices run data-parallel, unsharded (their state is already small).
+    bytes of the device, for `fits`. `shards`: processes the run is spread over and sharded over
+    (`--processes N --shard`, FSDP), each with 1/N of the batch rows and 1/N of the float32 working
+    copy, plus the weights FSDP gathers while it computes (the root's, i.e. embeddings and head, all
+    along, and two decoder blocks at a time: one computing, one prefetched); the loaded base model
+    stays whole. What FSDP trains (every tensor of a whole-tensor method, SIMU's attention when it
+    trains) has 1/N of its gradients, optimiser state and curvature per process, plus, while a unit's
+    gradient is reduced, its unsharded gradient and the reduce-scatter's flat copy (two more of the
+    largest such unit). SIMU's neuron slices train through compact leaves that every process holds
+    whole: their gradients and state do not divide. The total is at least the whole float32 copy on
+    top of the loaded weights (before FSDP shards it, and when the run is gathered back at the end,
+    with the trained entries or this process's shard, whichever is smaller).
     """
     if seq_len < 2:
         raise SimuError(f"sequence length must be >= 2 tokens (got {seq_len}).")
@@ -228,22 +231,30 @@ def plan(
     if shards < 1:
         raise SimuError(f"shards must be >= 1 (got {shards}).")
     trainable = trainable_entries(shape, config, neurons)
-    sharded = shards if trainable == shape.params else 1
+    whole = trainable == shape.params
+    in_fsdp = trainable if whole else (shape.attention_params if config.attention else 0)  # trained sharded
+
+    def held(bytes_per_entry: int) -> int:  # bytes of one value per trained entry on this process
+        return bytes_per_entry * in_fsdp // shards + bytes_per_entry * (trainable - in_fsdp)
+
     blocks = shape.attention_params + shape.mlp_params
     root, block = shape.params - blocks, blocks // shape.layers
-    gathered = 0 if sharded == 1 else 4 * (root + 2 * block + 2 * max(root, block))
-    weights = shape.params * DTYPE_BYTES[base_dtype] + 4 * shape.params // sharded + gathered
+    reduced = (max(root, block) if whole else shape.attention_params // shape.layers) if in_fsdp else 0
+    gathered = 0 if shards == 1 else 4 * (root + 2 * block + 2 * reduced)
+    weights = shape.params * DTYPE_BYTES[base_dtype] + 4 * shape.params // shards + gathered
     if config.loss in NEEDS_REFERENCE and device != "cpu":
         weights += shape.params * DTYPE_BYTES[base_dtype]
-    gradients = 4 * trainable // sharded
-    optimizer = 8 * trainable // sharded
-    curvature = max(curvature_bytes(trainable, config) // sharded, 3 * 4 * min(trainable, shape.largest))
+    gradients, optimizer = held(4), held(8)
+    curvature = max(held(curvature_bytes(1, config)), 3 * 4 * min(trainable, shape.largest))
     bf16 = device.startswith("cuda") and base_dtype == "bfloat16"  # autocast on CUDA
     rows = {"batch_size": -(-config.batch_size // shards), "retain_batch_size": -(-config.retain_batch_size // shards)}
     activations = activation_bytes(shape, replace(config, **rows), seq_len, neurons, bf16)
     total = weights + gradients + optimizer + max(curvature, activations)
+    if shards > 1:  # the working copy is whole until FSDP shards it, and the run is gathered back whole at the end
+        loaded = weights - 4 * shape.params // shards - gathered
+        total = max(total, loaded + 4 * shape.params + min(4 * trainable, 4 * shape.params // shards))
     return MemoryPlan(config.method, trainable, weights, gradients, optimizer, curvature, activations, total,
-                      device, available, sharded)  # fmt: skip
+                      device, available, shards)  # fmt: skip
 
 
 def device_memory(device: str | None = None) -> tuple[str, int]:

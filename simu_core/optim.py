@@ -20,6 +20,8 @@ written, so they stay bit-identical to the original however many steps run.
 Whole tensors may be shards of a model sharded with FSDP (`distributed.shard_model`; parameters and
 gradients are DTensors): the state is then sharded like its parameter, the element-wise updates run
 on each process's shard, and the sums (gradient norm, unclipped count) are taken over all shards.
+Masked slices of a sharded weight keep their compact state whole on every process; each process
+writes the updated slices into the rows of the weight it holds.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simu_core.distributed import local, sum_over_shards
+from simu_core.distributed import full_tensor, is_sharded, local, sum_over_shards, write_slices
 from simu_core.errors import SimuError
 
 Curvature = Callable[[], list[torch.Tensor]]  # diagonal estimates shaped like each TrainableParam.target
@@ -80,6 +82,13 @@ class TrainableParam:
         g = self.target.grad
         return None if g is None else self.compact(g)
 
+    def current(self) -> torch.Tensor:
+        """The trainable entries' present values (compact; a copy when masked). With a leaf they are read
+        from it (`write` keeps the two equal): whole on every process, even for a sharded parameter."""
+        if self.leaf is not None:
+            return self.leaf.detach().clone()
+        return self.gather(self.param.data)
+
     def compact_shape(self) -> torch.Size:
         if self.index is None:
             return self.param.shape
@@ -98,7 +107,7 @@ class TrainableParam:
             if values is not self.param.data:
                 self.param.data.copy_(values)
         else:
-            self.param.data.index_copy_(self.dim, self.index, values.to(self.param.dtype))
+            write_slices(self.param, self.dim, self.index, values)
             if self.leaf is not None:
                 self.leaf.data.copy_(values)
 
@@ -124,6 +133,7 @@ class SliceLeaves:
     exactly 0, so outputs are bit-identical, while dL/dS is the gradient of the selected slices: the
     full-size weight gradient is never built (backward time and gradient memory scale with the mask).
     `TrainableParam.write` keeps W and S in sync. Call `remove()` to detach the hooks and leaves.
+    W may be sharded (FSDP): S is then gathered whole once and lives outside FSDP on every process.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[TrainableParam]) -> None:
@@ -133,7 +143,7 @@ class SliceLeaves:
             module_name, kind = tp.name.rsplit(".", 1)
             conv1d = type(model.get_submodule(module_name)).__name__ == "Conv1D"  # GPT-2: weight [in, out]
             input_side = kind == "weight" and tp.dim == (0 if conv1d else 1)
-            tp.leaf = tp.gather(tp.param.detach()).clone().requires_grad_(True)
+            tp.leaf = tp.gather(full_tensor(tp.param.detach())).clone().requires_grad_(True)
             tp.param.requires_grad_(False)
             groups.setdefault(module_name, []).append((tp, input_side, conv1d))
         self.handles = [
@@ -165,6 +175,7 @@ class SliceLeaves:
             handle.remove()
         for tp in self.params:
             tp.leaf = None
+        self.params = []
 
 
 def trainable_grad_norm(params: Sequence[TrainableParam]) -> float:
@@ -231,6 +242,11 @@ class Sophia:
         self.m = [_zero_state(tp) for tp in self.params]
         self.h = [_zero_state(tp) for tp in self.params]
 
+    def release(self) -> None:
+        """Drop the state, the gradients and the parameters (the run is over; the memory goes back)."""
+        self.zero_grad()
+        self.params, self.m, self.h = [], [], []
+
     def hessian_due(self) -> bool:
         """Whether the next `step` refreshes the curvature EMA."""
         return self.t % self.update_interval == 0
@@ -240,13 +256,15 @@ class Sophia:
         return sum(local(t).numel() * t.element_size() for t in self.m + self.h)
 
     @torch.no_grad()
-    def clip_ratios(self, sample: int = 1_000_000, seed: int = 0) -> torch.Tensor:
+    def clip_ratios(self, sample: int = 1_000_000, seed: int = 0, replicated: bool = True) -> torch.Tensor:
         """|m| / h of every trained coordinate (a seeded sample of `sample` when there are more), 1-D, CPU;
-        this process's shards only when the model is sharded.
+        this process's shards only when the model is sharded. `replicated=False` leaves out the state
+        every process holds whole (masked slices), so that pooling processes counts it once.
 
         A coordinate's update is unclipped iff |m| < rho * h, i.e. iff its ratio < rho (inf where h = 0).
         """
-        ratios = torch.cat([local(m.abs() / h).flatten() for m, h in zip(self.m, self.h, strict=True)]).cpu()
+        pairs = [(m, h) for m, h in zip(self.m, self.h, strict=True) if replicated or is_sharded(m)]
+        ratios = torch.cat([torch.empty(0), *(local(m.abs() / h).flatten().cpu() for m, h in pairs)])
         if ratios.numel() > sample:
             ratios = ratios[torch.randperm(ratios.numel(), generator=torch.Generator().manual_seed(seed))[:sample]]
         return ratios.nan_to_num(nan=0.0)  # 0 / 0: no gradient and no curvature, never clipped
@@ -271,7 +289,7 @@ class Sophia:
             grad = tp.grad()
             g = torch.zeros_like(m) if grad is None else grad.float()
             m.mul_(b1).add_(g, alpha=1 - b1)
-            theta = tp.gather(tp.param.data).float()
+            theta = tp.current().float()
             if tp.decay and self.weight_decay:
                 theta.mul_(1 - self.lr * self.weight_decay)
             ratio = m / torch.clamp(self.rho * h, min=self.eps)
@@ -322,6 +340,14 @@ class AdamW:
         for group in self.opt.param_groups:
             group["lr"] = value
 
+    def release(self) -> None:
+        """Drop the state, the gradients and the parameters (the run is over; the memory goes back)."""
+        self.zero_grad()
+        self.params = []
+        self.opt.state.clear()
+        for group in self.opt.param_groups:
+            group["params"] = []
+
     def hessian_due(self) -> bool:
         return False
 
@@ -370,6 +396,7 @@ def gnb_diagonal_sharded(
     positions: int,
     generator: torch.Generator | None = None,
     weight: float = 1.0,
+    reduce: Callable[[list[torch.Tensor | None]], list[torch.Tensor | None]] | None = None,
 ) -> list[torch.Tensor]:
     """`gnb_diagonal` for a model sharded with FSDP, whose gradients are reduced over the processes in
     `backward()` only (so `autograd.grad` cannot be used).
@@ -379,7 +406,9 @@ def gnb_diagonal_sharded(
     is that of the mean over all positions and the estimate, `positions` * grad^2, is the one-process
     estimator. `weight` multiplies the loss: the process count where the backward averages gradients
     over processes (FSDP), 0 for a process without rows that passes a stand-in row (the backward's
-    collectives need every process). The step's own gradients (`.grad`) are kept.
+    collectives need every process). `reduce` completes the gradients that FSDP does not reduce
+    (compact leaves outside it; see `unlearn`), as the run's own step does. The step's own gradients
+    (`.grad`) are kept.
     """
     logits = logits.float()
     with torch.no_grad():
@@ -389,7 +418,10 @@ def gnb_diagonal_sharded(
     for p in params:
         p.grad = None
     loss.backward()
-    estimates = [torch.zeros_like(p) if p.grad is None else positions * p.grad.square() for p in params]
+    grads = [p.grad for p in params] if reduce is None else reduce([p.grad for p in params])
+    estimates = [
+        torch.zeros_like(p) if g is None else positions * g.square() for p, g in zip(params, grads, strict=True)
+    ]
     for p, g in zip(params, kept, strict=True):
         p.grad = g
     return estimates

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import itertools
 import math
 import threading
@@ -280,9 +281,6 @@ def validate_config(config: UnlearnConfig) -> None:
         (config.rho_share is None or config.optimizer == "sophia",
          f"rho_share calibrates Sophia's rho; optimizer '{config.optimizer}' has none. Drop --rho-share."),
         (config.forget_tokens in tg.FORGET_TOKENS, f"unknown forget_tokens '{config.forget_tokens}'. Choose one of: {', '.join(tg.FORGET_TOKENS)}."),
-        (not config.shard or get_method(config.method).trainables is all_weights,
-         f"--shard shards methods that train whole tensors ({', '.join(whole_tensor_methods())}); '{config.method}' "
-         "trains neuron slices, whose state is already small: drop --shard (several processes still split the batch)."),
         (not config.shard or config.estimator != "hutchinson" or config.optimizer != "sophia",
          "--shard cannot run Hutchinson's estimator (FSDP has no double backward). Use --estimator gnb or sqgrad."),
         (config.curve_every >= 0 and config.curve_items >= 1,
@@ -291,11 +289,6 @@ def validate_config(config: UnlearnConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise SimuError(message)
-
-
-def whole_tensor_methods() -> list[str]:
-    """The methods that train every weight in full (the ones `shard` applies to)."""
-    return [name for name, m in METHODS.items() if m.trainables is all_weights]
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +509,8 @@ def estimate_memory(
     model: nn.Module, config: UnlearnConfig, state_entries: int, grad_entries: int, length: int, shards: int = 1
 ) -> int:
     """Rough peak bytes of a run on one process: fp32 working copy, gradients, optimiser state, activations.
-    With the model sharded over `shards` processes each holds 1/shards of the first three.
+    `state_entries` / `grad_entries` are this process's; with the model sharded over `shards` processes
+    each holds 1/shards of the working copy.
 
     Activations per token and layer are taken as ~(16 d + 4 d_ff + heads * length) floats (saved
     inputs of every projection, attention scores, norms), plus 3 copies of the vocabulary logits;
@@ -533,7 +527,7 @@ def estimate_memory(
     activations = tokens * per_token * 4 * (3 if config.estimator == "hutchinson" else 1)
     weights = count_parameters(model) * 4
     reference = weights if config.loss in NEEDS_REFERENCE else 0
-    return reference + (weights + 4 * grad_entries + 8 * state_entries) // shards + activations
+    return reference + weights // shards + 4 * grad_entries + 8 * state_entries + activations
 
 
 def available_memory(device: torch.device) -> int:
@@ -638,7 +632,8 @@ def _curvature(
         counted = 0 if batches.empty else logits.shape[0]  # a process without rows runs a stand-in at weight 0
         positions = int(sharded.reduce_sum([torch.tensor([counted], dtype=torch.float64, device=logits.device)])[0])
         weight = sharded.world * float(counted > 0)  # x world: FSDP averages the gradients (see shard_model)
-        return gnb_diagonal_sharded(logits, params, positions, generator, weight=weight)
+        return gnb_diagonal_sharded(logits, params, positions, generator, weight=weight,
+                                    reduce=lambda grads: _sum_replicated(sharded, grads))  # fmt: skip
 
     def hutchinson() -> list[torch.Tensor]:
         with autocast():
@@ -721,13 +716,13 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     work.eval()
     if config.estimator == "hutchinson" and config.optimizer == "sophia" and hasattr(work, "set_attn_implementation"):
         work.set_attn_implementation("eager")  # SDPA has no double backward on CPU
-    sharded = config.shard and group.world > 1
-    if sharded:
-        distributed.shard_model(work, group)  # before the trainable set: sharding makes new parameters
     for p in work.parameters():
         p.requires_grad_(False)
     loaded = LoadedModel(work, base.tokenizer, base.fmt, base.spec, base.source)
-    mask = resolve_mask(method, loaded, forget, retain, config, mask)
+    mask = resolve_mask(method, loaded, forget, retain, config, mask)  # attribution runs on the whole model
+    sharded = config.shard and group.world > 1
+    if sharded:
+        distributed.shard_model(work, group)  # before the trainable set: sharding makes new (frozen) parameters
     trainables = method.trainables(work, config, mask)
     opt = _make_optimizer(config, trainables)
 
@@ -738,9 +733,10 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     )
     retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
     length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
-    grad_entries = sum(tp.numel() if tp.masked else tp.param.numel() for tp in trainables)
-    needed = estimate_memory(work, config, sum(tp.numel() for tp in trainables), grad_entries, length,
-                             shards=group.world if sharded else 1)  # fmt: skip
+    entries = sum(
+        tp.numel() if tp.masked else distributed.local(tp.param).numel() for tp in trainables
+    )  # this process's
+    needed = estimate_memory(work, config, entries, entries, length, shards=group.world if sharded else 1)
     check_memory(needed, available_memory(device), device, config.max_memory_gb)
 
     for tp in trainables:
@@ -835,11 +831,22 @@ def _global_logs(session: _Session, forget, retain, forget_loss: float, retain_l
 
 def _reduce_gradients(session: _Session) -> None:
     """Sum the trainable gradients over the processes (compact: only the masked slices travel)."""
-    if session.group.world == 1 or session.sharded:  # FSDP reduced them in the backward
+    if session.group.world == 1:
         return
     targets = [tp.target for tp in session.trainables]
-    for target, total in zip(targets, session.group.reduce_sum([t.grad for t in targets]), strict=True):
+    grads = [t.grad for t in targets]
+    totals = _sum_replicated(session.group, grads) if session.sharded else session.group.reduce_sum(grads)
+    for target, total in zip(targets, totals, strict=True):
         target.grad = total
+
+
+def _sum_replicated(group: distributed.Group, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The gradients of a sharded run, complete: FSDP reduced the sharded ones (DTensors) in the backward;
+    the others (compact leaves, whole on every process) are summed here. Each process's loss was
+    multiplied by the process count for FSDP's average, so their sum is divided by it."""
+    replicated = [None if g is None or distributed.is_sharded(g) else g for g in grads]
+    sums = group.reduce_sum(replicated)
+    return [g if total is None else total / group.world for g, total in zip(grads, sums, strict=True)]
 
 
 def forget_rouge(loaded: LoadedModel, model: nn.Module, dataset: qa.QADataset) -> float:
@@ -937,17 +944,34 @@ def unlearn(
         session.leaves.remove()
     state_bytes = session.opt.state_bytes()  # on this process (its shards, when sharded)
     if session.sharded:
+        del curvature  # it holds the sharded copy, which `_unshard` releases
         _unshard(session, base)
     return _result(session, base, status, stop_reason, error, history, time.perf_counter() - start, found, state_bytes)
 
 
 def _unshard(session: _Session, base: LoadedModel) -> None:
-    """Replace the sharded working copy by a plain one with its values (every process gathers every
-    weight), so that the result, its changes and the saved run are those of an ordinary model."""
-    plain = distributed.unsharded_copy(base.model, session.model, session.device)
+    """Replace the sharded working copy by a plain one with its values, so that the result, its changes
+    and the saved run are those of an ordinary model (a collective: every process must call it).
+
+    Only the trained entries differ from the base, so they are written into a float32 copy of the base,
+    after the optimiser state and gradients are released. Where they take less room than this process's
+    shard (SIMU's slices), every process gathers them and releases the sharded copy first, so the two
+    copies are never held together; otherwise (whole tensors) each weight is gathered as it is written.
+    """
+    session.opt.release()
+    stream = ((dataclasses.replace(tp, param=None), tp.gather(distributed.full_tensor(tp.param.detach())))
+              for tp in session.trainables)  # fmt: skip
+    if sum(tp.numel() for tp in session.trainables) < count_parameters(session.model) // session.group.world:
+        stream = list(stream)
+        session.trainables, session.loaded = [], None
+        gc.collect()  # FSDP's hooks keep the sharded modules in reference cycles
+    plain = distributed.plain_copy(base.model, session.device)
+    trainables = []
+    for tp, value in stream:
+        trainables.append(dataclasses.replace(tp, param=plain.get_parameter(tp.name)))
+        trainables[-1].write(value)
     session.loaded = LoadedModel(plain, base.tokenizer, base.fmt, base.spec, base.source)
-    session.trainables = [TrainableParam(tp.name, plain.get_parameter(tp.name), decay=tp.decay)
-                          for tp in session.trainables]  # fmt: skip
+    session.trainables = trainables
 
 
 def curve_point(
@@ -1070,13 +1094,15 @@ def calibrate_rho(
             for step in range(1, steps + 1):
                 if isinstance(_train_step(session, step, curvature), str):
                     break
-                seen.append(session.opt.clip_ratios(sample=200_000 // shards, seed=step))
+                seen.append(session.opt.clip_ratios(sample=200_000 // shards, seed=step,
+                                                    replicated=shards == 1 or session.group.is_main))  # fmt: skip
         finally:
             session.leaves.remove()
         if not seen:
             raise SimuError("the loss was not finite in the first step of the rho probe. Lower the learning rate.")
-        # Sharded, each process holds its own coordinates, so every process pools all of them and all get one rho;
-        # data-parallel processes hold the same state, so their own samples already agree.
+        # Sharded, each process holds its own coordinates (and the main process the masked slices that all hold
+        # whole), so every process pools all of them and all get one rho; data-parallel processes hold the same
+        # state, so their own samples already agree.
         ratios = torch.cat(session.group.gather_objects([torch.cat(seen)]) if session.sharded else seen)
         probe = dataclasses.replace(probe, rho=rho_for_share(ratios, share))
     quantiles = {f"{q:g}": rho_for_share(ratios, q) for q in (0.1, 0.3, 0.5, 0.9)}

@@ -116,20 +116,43 @@ def test_plan_is_within_20_percent_of_the_measured_peak_on_the_small_builtin(bui
         assert abs(planned / peak - 1) <= 0.20, (method, planned, peak)
 
 
-def test_sharding_divides_soul_state_and_leaves_simu_unsharded():
+def test_sharding_divides_soul_state_and_only_simu_weights():
     """`shards=4` (`--processes 4 --shard`): SOUL's gradients and moments are a quarter per process, its
-    weights a quarter of the working copy plus what FSDP gathers (embeddings/head and two blocks) on
-    top of the whole base; SIMU trains slices and runs data-parallel, so only its rows per process drop."""
+    weights a quarter of the working copy plus what FSDP gathers (embeddings/head and two blocks, a
+    unit's gradient and the reduce buffer) on top of the whole base. SIMU's working copy is sharded
+    the same way, but its slices train through leaves every process holds whole: its gradients and
+    moments do not divide, and without trainable attention FSDP reduces no gradient."""
     shape = memory.shape_of_config(memory.llama_config(**memory.KNOWN_SHAPES["llama-1b"]))
     simu, soul = memory.compare(shape, [preset_config("simu"), preset_config("so_graddiff")], 256)
     simu4, soul4 = memory.compare(shape, [preset_config("simu"), preset_config("so_graddiff")], 256, shards=4)
-    assert (soul4.shards, soul4.label, simu4.shards) == (4, "so_graddiff /4", 1)
+    assert (soul4.shards, soul4.label, simu4.shards, simu4.label) == (4, "so_graddiff /4", 4, "simu /4")
     assert soul4.optimizer == soul.optimizer // 4 and soul4.gradients == soul.gradients // 4
     block = (shape.attention_params + shape.mlp_params) // shape.layers
     root = shape.params - shape.attention_params - shape.mlp_params
     gathered = 4 * (root + 2 * block + 2 * max(root, block))  # root + two blocks, unit's grad + reduce buffer
     assert soul4.weights == 4 * shape.params + shape.params + gathered  # float32 base + this process's shard
-    assert (simu4.weights, simu4.optimizer) == (simu.weights, simu.optimizer)
+    assert simu4.weights == 4 * shape.params + shape.params + 4 * (root + 2 * block)
+    assert (simu4.gradients, simu4.optimizer) == (simu.gradients, simu.optimizer)
     assert simu4.activations < simu.activations
+
+
+def test_simu_with_attention_shards_only_the_attention_state():
+    """With trainable attention (the paper's set: attention + down-projection columns), the attention
+    projections train inside FSDP: their part of the moments divides over the processes, the neuron
+    slices' part does not."""
+    shape = memory.shape_of_config(memory.llama_config(**memory.KNOWN_SHAPES["llama-1b"]))
+    one, four = (memory.plan(shape, preset_config("simu_paper"), 256, neurons=1000, shards=n) for n in (1, 4))
+    slices = 1000 * shape.d  # one down-projection column per neuron
+    assert four.optimizer == 8 * shape.attention_params // 4 + 8 * slices
+    assert one.optimizer == 8 * (shape.attention_params + slices)
     with pytest.raises(SimuError, match="shards"):
         memory.plan(shape, preset_config("so_graddiff"), 256, shards=0)
+
+
+def test_a_sharded_plan_holds_the_whole_working_copy_once():
+    """However many processes share the run, the float32 working copy is whole on each before FSDP shards
+    it (and when the run is gathered back): a plan over 64 processes still counts it on top of the base."""
+    shape = memory.shape_of_config(memory.llama_config(**memory.KNOWN_SHAPES["llama-1b"]))
+    for method in ("simu", "so_graddiff"):
+        many = memory.plan(shape, preset_config(method, batch_size=1, retain_batch_size=1), 16, shards=64)
+        assert many.total >= 4 * shape.params + 4 * shape.params  # float32 base + the whole copy
