@@ -178,7 +178,8 @@ class UnlearnConfig:
     falls to `stop_forget_em`, its greedy ROUGE-L recall to `stop_forget_rouge`, its NLL rises to
     `stop_forget_loss` (checked every `eval_every` steps). It fails when the retain loss rises
     `collapse_margin` nats above its start or greedy answers on retain probes degenerate. `shard`
-    (runs on several processes only) shards the methods that train whole tensors with FSDP.
+    (runs on several processes only) shards the working copy with FSDP, and the gradients and state
+    of whatever trains whole tensors; SIMU's compact slices stay whole on every process.
     `curve_every` > 0 records a trade-off curve: greedy exact match and ROUGE-L on `curve_items` items
     of the forget, retain and any extra sets every that many steps (and at the last step).
     """
@@ -219,7 +220,7 @@ class UnlearnConfig:
     seed: int = 0
     device: str | None = None
     max_memory_gb: float | None = None
-    shard: bool = later(False)  # several processes: shard weights, gradients and state with FSDP (whole-tensor methods)
+    shard: bool = later(False)  # several processes: shard the weights (and whole tensors' gradients, state) with FSDP
     curve_every: int = later(0)  # > 0: score the model every this many steps (the trade-off curve; `metrics.curve`)
     curve_items: int = later(50)  # items per set scored at each curve point
 

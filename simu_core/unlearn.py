@@ -733,9 +733,8 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     )
     retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
     length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
-    entries = sum(
-        tp.numel() if tp.masked else distributed.local(tp.param).numel() for tp in trainables
-    )  # this process's
+    # trained entries this process holds: compact slices whole, whole tensors as FSDP shards them
+    entries = sum(tp.numel() if tp.masked else distributed.local(tp.param).numel() for tp in trainables)
     needed = estimate_memory(work, config, entries, entries, length, shards=group.world if sharded else 1)
     check_memory(needed, available_memory(device), device, config.max_memory_gb)
 
