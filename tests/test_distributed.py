@@ -143,9 +143,10 @@ def test_sharded_simu_with_attention_and_gate_up_rows_matches_data_parallel(buil
     Both runs give each process the same rows; only the order of float sums differs (FSDP's gathered
     weights and reduce-scatter), which Sophia's clip amplifies where m nearly cancels: measured, 71 of
     196,928 entries differ at all (99.964% within 1e-6), the largest by 2 lr (one step taken the
-    other way; the one-process run differs from both as much). So: 99.9% of the entries within 1e-6, every one within 2 lr + 1e-6. The entries outside the
-    mask are bit-identical to the base in both, and the attention part of the optimiser state is a
-    third per process (state bytes drop; the compact slices' state is whole on each).
+    other way; the one-process run differs from both as much). So: 99.9% of the entries within 1e-6,
+    every one within 2 lr + 1e-6. The entries outside the mask are bit-identical to the base in both,
+    and the attention part of the optimiser state is a third per process (state bytes drop; the
+    compact slices' state is whole on each).
     """
     from simu_core.cli import main
     from simu_core.models import load_model

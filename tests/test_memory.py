@@ -134,6 +134,8 @@ def test_sharding_divides_soul_state_and_only_simu_weights():
     assert simu4.weights == 4 * shape.params + shape.params + 4 * (root + 2 * block)
     assert (simu4.gradients, simu4.optimizer) == (simu.gradients, simu.optimizer)
     assert simu4.activations < simu.activations
+    with pytest.raises(SimuError, match="shards"):
+        memory.plan(shape, preset_config("so_graddiff"), 256, shards=0)
 
 
 def test_simu_with_attention_shards_only_the_attention_state():
@@ -145,8 +147,6 @@ def test_simu_with_attention_shards_only_the_attention_state():
     slices = 1000 * shape.d  # one down-projection column per neuron
     assert four.optimizer == 8 * shape.attention_params // 4 + 8 * slices
     assert one.optimizer == 8 * (shape.attention_params + slices)
-    with pytest.raises(SimuError, match="shards"):
-        memory.plan(shape, preset_config("so_graddiff"), 256, shards=0)
 
 
 def test_a_sharded_plan_holds_the_whole_working_copy_once():
