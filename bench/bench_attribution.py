@@ -50,9 +50,9 @@ from simu_core.builtin import make_tiny_llama, read_manifest, train_tokenizer  #
 from simu_core.config import BuiltinConfig  # noqa: E402
 from simu_core.errors import SimuError  # noqa: E402
 from simu_core.masks import make_mask, overlap, random_mask_like  # noqa: E402
+from simu_core.methods import preset_config  # noqa: E402
 from simu_core.models import LoadedModel, load_model  # noqa: E402
 from simu_core.neurons import NeuronMask  # noqa: E402
-from simu_core.unlearn import preset_config  # noqa: E402
 
 N_RANDOM = 5
 

@@ -49,9 +49,10 @@ from simu_core.connectivity import (  # noqa: E402
     make_path,
     sample_items,
 )
+from simu_core.methods import preset_config  # noqa: E402
 from simu_core.models import load_model  # noqa: E402
 from simu_core.runs import save_run  # noqa: E402
-from simu_core.unlearn import compute_mask, preset_config, unlearn  # noqa: E402
+from simu_core.unlearn import compute_mask, unlearn  # noqa: E402
 
 TARGETS = {"linear_seconds": 15.0, "fit_seconds": 60.0}
 

@@ -41,10 +41,10 @@ from simu_core import data as qa  # noqa: E402
 from simu_core import jobs  # noqa: E402
 from simu_core.connectivity import ConnectConfig, FitConfig, connect  # noqa: E402
 from simu_core.evaluation import evaluate_specs  # noqa: E402
+from simu_core.methods import preset_config  # noqa: E402
 from simu_core.metrics import EvalConfig  # noqa: E402
 from simu_core.models import load_model  # noqa: E402
 from simu_core.runs import run_unlearning  # noqa: E402
-from simu_core.unlearn import preset_config  # noqa: E402
 
 POINTS = (0.1, 0.5, 0.9)
 

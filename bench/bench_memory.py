@@ -2,7 +2,7 @@
 
 Each case runs in its own process with MALLOC_MMAP_THRESHOLD_=65536 (tensors above 64 KiB are their
 own mappings, returned to the system when freed) and one thread; the measured peak is the resident
-base model + the rise of peak RSS during `unlearn` after a 1-step warm-up (`memory.measure_unlearn`).
+base model + the rise of peak RSS during `unlearn` after a 1-step warm-up (`unlearn.measure_unlearn`).
 SmolLM2-135M is a randomly initialised Llama of its published shape (30 layers, d 576, d_ff 1536,
 9 heads, 3 kv heads, vocab 49152): the weights do not change the memory, only the shape does. Its
 questions come from the small built-in (token ids < 512 are valid in any vocabulary of 49152).
@@ -44,8 +44,9 @@ def measure_case(name: str, methods: list[str], shards: int = 1) -> list[dict]:
     torch.set_num_threads(1)
     from simu_core import data as qa
     from simu_core import memory
+    from simu_core.methods import preset_config
     from simu_core.models import LoadedModel, load_model
-    from simu_core.unlearn import compute_mask, preset_config
+    from simu_core.unlearn import compute_mask, measure_unlearn
 
     root, model, rows, retain_rows, steps = CASES[name]
     base = load_model(str(REPO / root / "models" / "full"), device="cpu")
@@ -69,7 +70,7 @@ def measure_case(name: str, methods: list[str], shards: int = 1) -> list[dict]:
         config.probe_every = 0
         mask = compute_mask(base, forget, retain, config.mask) if method in ("simu", "random_mask") else None
         t0 = time.perf_counter()
-        measured = memory.measure_unlearn(base, forget, retain, config, mask)
+        measured = measure_unlearn(base, forget, retain, config, mask)
         plan = memory.plan(shape, config, seq_len, neurons=mask.total() if mask else None, shards=shards)
         out.append({"case": name, "method": method, "shards": plan.shards, "processes": shards,
                     "params": shape.params, "seq_len": seq_len,

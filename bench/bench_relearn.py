@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_relearn.py [--methods simu,simu_paper,fo_graddiff] [--threads 2]
 
-Each method unlearns Asia's 15 capitals at its SmolLM2 preset (`unlearn.MODEL_PRESETS`, seed 1: the
+Each method unlearns Asia's 15 capitals at its SmolLM2 preset (`methods.MODEL_PRESETS`, seed 1: the
 quality table's first seed; the runs are the table's), then `relearn.relearning_attack` fine-tunes a copy
 for `--attack-steps` AdamW steps on a seeded half of the capitals and counts how many of the *other* half
 the model gives again. The attack on the original model (which knows every capital) shows nothing; the
@@ -23,8 +23,9 @@ import torch
 from simu_core import data as qa
 from simu_core import models
 from simu_core.knowledge import ensure_knowledge
+from simu_core.methods import preset_config
 from simu_core.relearn import RelearnConfig, known_share, relearning_attack
-from simu_core.unlearn import preset_config, unlearn
+from simu_core.unlearn import unlearn
 
 MODEL = "builtin:smollm2"
 FORGET, RETAIN = "builtin:smollm2/forget", "builtin:smollm2/retain"

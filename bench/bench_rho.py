@@ -18,8 +18,9 @@ import torch  # noqa: E402
 from _common import RESULTS, pick_root, write_json  # noqa: E402
 
 from simu_core import data as qa  # noqa: E402
+from simu_core.methods import get_method, preset_config  # noqa: E402
 from simu_core.models import load_model  # noqa: E402
-from simu_core.unlearn import get_method, preset_config, resolve_mask, unlearn  # noqa: E402
+from simu_core.unlearn import resolve_mask, unlearn  # noqa: E402
 
 
 def run(base, forget, retain, method: str, steps: int, share: float | None, mask) -> dict:

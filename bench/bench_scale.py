@@ -131,7 +131,8 @@ def changed_outside(result) -> int:
 
 def run_method(loaded, forget, retain, method: str, steps: int, mask, device: torch.device) -> dict:
     from simu_core import memory
-    from simu_core.unlearn import preset_config, unlearn
+    from simu_core.methods import preset_config
+    from simu_core.unlearn import unlearn
 
     config = preset_config(method, steps=steps, device=str(device), stop_forget_em=None, batch_size=32,
                            retain_batch_size=32)  # fmt: skip
@@ -156,7 +157,7 @@ def bench_shape(name: str, device: torch.device, args) -> dict:
     from simu_core import data as qa
     from simu_core.attribution import attribute
     from simu_core.masks import make_mask
-    from simu_core.unlearn import preset_config
+    from simu_core.methods import preset_config
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = load_shape(name, device, dtype)

@@ -3,7 +3,7 @@
     nice -n 0 .venv/bin/python bench/bench_smollm2_speed.py [--threads 2] [--repeats 2]
 
 Targets (issue 15, 2 CPU cores): attribution with grad_x_act and simu_ig_joint on 20 items within 60 s;
-a SIMU run with SmolLM2's preset (`unlearn.MODEL_PRESETS`) on the teaching scenario (forget Asia's
+a SIMU run with SmolLM2's preset (`methods.MODEL_PRESETS`) on the teaching scenario (forget Asia's
 capitals, keep Europe's) to its early stop within 5 minutes, attribution for its mask included.
 Run it alone: the machine's load average at the start and the end is stored with the times.
 Writes bench/results/smollm2_speed.json and prints a Markdown table.
@@ -22,7 +22,8 @@ from simu_core import data as qa
 from simu_core import models
 from simu_core.attribution import attribute
 from simu_core.knowledge import ensure_knowledge
-from simu_core.unlearn import compute_mask, preset_config, unlearn
+from simu_core.methods import preset_config
+from simu_core.unlearn import compute_mask, unlearn
 
 ATTRIBUTION_TARGET_S = 60.0
 RUN_TARGET_S = 300.0

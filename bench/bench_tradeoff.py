@@ -10,7 +10,7 @@
     --root DIR: another built-in cache, e.g. a two-stage build (`python -m simu_core build-staged`; give --out
     too). `bench/staged.sh` runs this bench on three two-stage base models.
 
-Every method runs at its preset (`unlearn.preset_config`) with the same step budget and no early stop,
+Every method runs at its preset (`methods.preset_config`) with the same step budget and no early stop,
 and scores the model every `--every` steps (`metrics.curve.checkpoint_scores`: greedy exact match and
 ROUGE-L recall on the same seeded `--items` forget, retain and world-facts items, and the teacher-forced
 fact probe on forget and retain). The retain reference
@@ -44,9 +44,10 @@ from simu_core.config import parse_settings
 from simu_core.errors import SimuError
 from simu_core.evaluation import builtin_companions, default_reference
 from simu_core.figures import curve_points, tradeoff_figure, write_figures
+from simu_core.methods import preset_config
 from simu_core.metrics.curve import checkpoint_scores, first_reaching
 from simu_core.models import load_model
-from simu_core.unlearn import preset_config, unlearn
+from simu_core.unlearn import unlearn
 
 KEPT = ("retain/exact_match", "world_facts/exact_match")
 PROBE = "forget/fact_probe"  # teacher-forced: is the fact's value still the top prediction (runs since it was added)

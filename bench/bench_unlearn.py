@@ -34,9 +34,10 @@ import torch
 from _common import REPO, RESULTS, TEST_BUILD, pick_root, write_json  # noqa: E402, F401
 
 from simu_core import data as qa  # noqa: E402
+from simu_core.methods import METHODS, preset_config  # noqa: E402
 from simu_core.metrics import rouge_l_recall  # noqa: E402
 from simu_core.models import exact_match, greedy_answers, load_model  # noqa: E402
-from simu_core.unlearn import METHODS, compute_mask, preset_config, unlearn  # noqa: E402
+from simu_core.unlearn import compute_mask, unlearn  # noqa: E402
 
 
 def evaluate(model, loaded, splits: dict[str, qa.QADataset]) -> dict[str, float]:

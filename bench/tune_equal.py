@@ -44,8 +44,8 @@ import torch
 from bench_tradeoff import KEPT, PROBE, bench_sets, curve_of, readings
 
 from simu_core.benchmark import QualityConfig, get_benchmark, kept_mean, pick_tuned, run_quality
+from simu_core.methods import preset_config
 from simu_core.metrics import EvalConfig
-from simu_core.unlearn import preset_config
 
 # settings that keep stored points (with the value of files written before the setting existed)
 SAME_POINTS = {"benchmark": "builtin", "split": None, "root": None, "steps": None, "every": None, "items": None,

@@ -28,8 +28,8 @@ from _common import RESULTS, write_json  # noqa: E402
 
 from simu_core.benchmark import TUNING_SEED, QualityConfig, ensure_size, get_benchmark, run_quality  # noqa: E402
 from simu_core.config import parse_setting_value, unlearn_overrides  # noqa: E402
+from simu_core.methods import METHODS  # noqa: E402
 from simu_core.metrics import EvalConfig  # noqa: E402
-from simu_core.unlearn import METHODS  # noqa: E402
 
 COLUMNS = {
     "builtin": ("forget/exact_match", "retain/exact_match", "world_facts/exact_match", "model_utility",

@@ -30,8 +30,8 @@ from simu_core.arch import count_parameters
 from simu_core.errors import SimuError
 from simu_core.jobs import item_weighted
 from simu_core.masks import AGGREGATES, DUAL_POLICIES, RULES, SCORE_KINDS, make_mask, trainable_count
+from simu_core.methods import preset_config
 from simu_core.neurons import param_counts
-from simu_core.unlearn import preset_config
 
 AUTO_START_PARAMS = 50e6  # below this size the default scores are computed as soon as the page opens
 PRESET = preset_config("simu")

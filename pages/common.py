@@ -41,6 +41,7 @@ from simu_core.figures import history_figure, runs_figure
 from simu_core.jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, Job, JobContext, JobRunner, JobStatus
 from simu_core.knowledge import ensure_knowledge, expected_fingerprint, knowledge_status
 from simu_core.knowledge_check import KnowledgeCheck, check_knowledge
+from simu_core.methods import METHODS
 from simu_core.metrics import Report
 from simu_core.models import BUILTIN_MODELS, PRETRAINED_BUILTINS, LoadedModel, load_model
 from simu_core.pretrained import (
@@ -52,7 +53,6 @@ from simu_core.pretrained import (
     pretrained_folder,
 )
 from simu_core.runs import list_runs, read_config, read_history
-from simu_core.unlearn import METHODS
 
 if os.environ.get("SIMU_THREADS"):  # e.g. SIMU_THREADS=1 on a busy shared machine; default: torch's own choice
     torch.set_num_threads(int(os.environ["SIMU_THREADS"]))

@@ -29,17 +29,11 @@ from simu_core.evaluation import curve_sets
 from simu_core.figures import history_figure
 from simu_core.jobs import DONE, eta_to_stop
 from simu_core.masks import MLP_PARTS, make_mask
+from simu_core.methods import METHODS, MODEL_PRESETS, PRESET_NOTES, SMOLLM2_PRESET_NOTES, preset_config
 from simu_core.neurons import NeuronMask
 from simu_core.optim import ESTIMATORS
 from simu_core.runs import read_history, run_unlearning
-from simu_core.unlearn import (
-    METHODS,
-    MODEL_PRESETS,
-    PRESET_NOTES,
-    SMOLLM2_PRESET_NOTES,
-    preset_config,
-    validate_config,
-)
+from simu_core.unlearn import validate_config
 
 require_entrypoint()
 st.header("3 · Unlearn")

@@ -268,7 +268,7 @@ def cell_config(cell: Cell, qc: QualityConfig, stop_rouge: float | None = None):
     """The `UnlearnConfig` of a method cell: the method's preset (for the benchmark's model) with its tuned
     settings, the split's forget and retain data, the cell's seed; with `qc.stop == "muse"`, no forget-EM
     target but `stop_rouge` (the retain reference's forget ROUGE-L, `_Context.muse_target`) as the stop."""
-    from simu_core.unlearn import preset_config
+    from simu_core.methods import preset_config
 
     bench = qc.bench
     bench.check_split(cell.split)
@@ -348,7 +348,7 @@ def plan_cells(qc: QualityConfig) -> list[Cell]:
     """Reference rows first, then every split x method x seed, split by split."""
     for split in qc.splits:
         qc.bench.check_split(split)
-    from simu_core.unlearn import get_method
+    from simu_core.methods import get_method
 
     for method in qc.methods:
         get_method(method)
@@ -494,7 +494,8 @@ def run_reference_cell(cell: Cell, ctx: _Context, key: str) -> dict:
 def run_method_cell(cell: Cell, ctx: _Context, key: str) -> dict:
     """Unlearn at the preset (or the tuned pick) with the cell's seed, then evaluate against the retain
     reference (and attack, with `relearn`)."""
-    from simu_core.unlearn import get_method, unlearn
+    from simu_core.methods import get_method
+    from simu_core.unlearn import unlearn
 
     config = cell_config(cell, ctx.qc, ctx.muse_target(cell.split))
     data = ctx.datasets(cell.split)

@@ -464,7 +464,7 @@ def relearn_cmd(args: argparse.Namespace) -> dict:
 
 
 def _unlearn_args(p: argparse.ArgumentParser) -> None:
-    from simu_core.unlearn import METHODS
+    from simu_core.methods import METHODS
 
     p.add_argument("--model", default="builtin:full", help="model spec (default builtin:full)")
     p.add_argument("--forget", default="builtin:forget10", help="forget data spec (default builtin:forget10)")
@@ -557,8 +557,9 @@ def unlearn_cmd(args: argparse.Namespace) -> dict | None:
 
     from simu_core import distributed
     from simu_core.evaluation import curve_sets
+    from simu_core.methods import preset_config
     from simu_core.runs import run_unlearning
-    from simu_core.unlearn import preset_config, validate_config
+    from simu_core.unlearn import validate_config
 
     if _launched_elsewhere(args):
         return None  # the main process printed the summary
@@ -648,7 +649,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 @command("plan", "estimated memory per device of an unlearning run (SIMU vs SOUL side by side)", _plan_args)
 def plan_cmd(args: argparse.Namespace) -> dict:
     from simu_core import memory
-    from simu_core.unlearn import preset_config
+    from simu_core.methods import preset_config
 
     if not args.model.startswith("shape:"):
         ensure_builtin_for(args.model)

@@ -249,7 +249,7 @@ def parse_setting_value(text: str) -> Any:
 
 def unlearn_overrides(settings: dict[str, Any]) -> dict:
     """{'lr': 1e-4, 'mask.positions': 'subject'} -> {'lr': 1e-4, 'mask': {'positions': 'subject'}}, the
-    form `unlearn.preset_config` takes; names must be `UnlearnConfig` fields or `mask.` + `MaskConfig` fields."""
+    form `methods.preset_config` takes; names must be `UnlearnConfig` fields or `mask.` + `MaskConfig` fields."""
     from simu_core.errors import SimuError
 
     fields = {f.name for f in dataclasses.fields(UnlearnConfig)} - {"mask", "method"}

@@ -24,7 +24,7 @@ curvature estimate is built after the backward has freed the activations (its ow
 freed by the time the estimates are squared).
 
 The coefficients started from counting what the Llama graph saves and were then fitted to measured
-CPU peaks of the small and default built-ins (`measure_unlearn`: both models and both SIMU and SOUL
+CPU peaks of the small and default built-ins (`unlearn.measure_unlearn`: both models and both SIMU and SOUL
 were ~1.3x over with the first counts, the same factor everywhere); the SmolLM2-shaped model is the
 held-out check (docs/RESULTS.md "Scale (issue 18)"). `shape_of_config` builds the model on the meta
 device, so planning needs only a config, never the weights.
@@ -43,6 +43,7 @@ from simu_core.arch import neuron_layers
 from simu_core.config import UnlearnConfig
 from simu_core.errors import SimuError
 from simu_core.losses import NEEDS_REFERENCE
+from simu_core.methods import get_method, preset_config
 
 ACT_FIXED_D = 6.0  # floats per token and layer kept whatever trains, in units of d
 ACT_FIXED_FF = 2.5  # ... in units of d_ff (gate and up outputs, the SiLU)
@@ -162,9 +163,7 @@ class MemoryPlan:
 
 def trainable_entries(shape: ModelShape, config: UnlearnConfig, neurons: int) -> int:
     """Entries the method trains: all weights, or SIMU's attention (if on) + `neurons` neuron slices."""
-    from simu_core.unlearn import all_weights, get_method
-
-    if get_method(config.method).trainables is all_weights:
+    if get_method(config.method).whole_tensors:
         return shape.params
     per_neuron = shape.d * (3 if config.mlp_parts == "down_up" else 1)  # down column (+ gate, up rows)
     return (shape.attention_params if config.attention else 0) + neurons * per_neuron
@@ -172,9 +171,7 @@ def trainable_entries(shape: ModelShape, config: UnlearnConfig, neurons: int) ->
 
 def activation_bytes(shape: ModelShape, config: UnlearnConfig, seq_len: int, neurons: int, bf16: bool) -> int:
     """Bytes the forward passes over one forget and one retain batch keep for the backward."""
-    from simu_core.unlearn import all_weights, get_method
-
-    full = get_method(config.method).trainables is all_weights
+    full = get_method(config.method).whole_tensors
     eager = config.estimator == "hutchinson" and config.optimizer == "sophia"  # eager attention keeps the scores
     per_layer = ACT_FIXED_D * shape.d + ACT_FIXED_FF * shape.d_ff + shape.heads * (seq_len if eager else 1)
     if full or config.attention:
@@ -258,17 +255,36 @@ def plan(
 
 
 def device_memory(device: str | None = None) -> tuple[str, int]:
-    """(device name, its free bytes): the CUDA GPU's free memory, MPS's recommended limit, else available RAM."""
+    """(device name, its free bytes) for the device `device` names (`models.pick_device`)."""
     from simu_core.models import pick_device
 
     dev = pick_device(device)
     if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)})", torch.cuda.mem_get_info(dev)[0]
-    if dev.type == "mps":
-        return "mps", int(torch.mps.recommended_max_memory())
-    import psutil
+        return f"cuda ({torch.cuda.get_device_name(dev)})", free_bytes(dev)
+    return ("cpu (RAM)" if dev.type == "cpu" else dev.type), free_bytes(dev)
 
-    return "cpu (RAM)", int(psutil.virtual_memory().available)
+
+def free_bytes(device: torch.device) -> int:
+    """Free bytes on `device`: the CUDA GPU's free memory, MPS's recommended limit, else available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory())
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(needed: int, available: int, device: torch.device, limit_gb: float | None = None) -> None:
+    """SimuError when a run needing `needed` bytes does not fit (in `available` or the user's limit)."""
+    limit = available if limit_gb is None else min(available, int(limit_gb * 1024**3))
+    if needed > limit:
+        raise SimuError(
+            f"not enough memory: this run needs about {size_text(needed)} on {device.type} but only "
+            f"{size_text(limit)} is available. Lower --batch-size, use method 'simu' (its state covers only the "
+            "selected neurons), shard it over several processes (--processes N --shard), or run on a machine "
+            "with more memory."
+        )
 
 
 def longest_row(loaded, *datasets, limit: int = 500) -> int:
@@ -290,16 +306,19 @@ def run_plans(
     `device` names, with the batches as they will be (at most the items there are)."""
     import dataclasses
 
-    from simu_core.unlearn import preset_config
-
     rows = {"batch_size": min(config.batch_size, len(forget.items)),
             "retain_batch_size": min(config.retain_batch_size, len(retain.items)) if retain else 1}  # fmt: skip
     other = "so_graddiff" if config.method != "so_graddiff" else "simu"
     configs = [dataclasses.replace(config, **rows), preset_config(other, **rows, retain=config.retain)]
     name, free = device_memory(device)
-    dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
     return compare(shape_of(loaded.model), configs, longest_row(loaded, forget, retain), neurons=neurons,
-                   base_dtype=dtype if dtype in DTYPE_BYTES else "float32", device=name.split(" ")[0], available=free)  # fmt: skip
+                   base_dtype=dtype_name(loaded.model), device=name.split(" ")[0], available=free)  # fmt: skip
+
+
+def dtype_name(model: nn.Module) -> str:
+    """The model's parameter dtype as `plan` names it (float32 for any it does not know)."""
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return dtype if dtype in DTYPE_BYTES else "float32"
 
 
 def compare(shape: ModelShape, configs: list[UnlearnConfig], seq_len: int, **kwargs) -> list[MemoryPlan]:
@@ -370,16 +389,3 @@ def plan_json(plans: list[MemoryPlan]) -> str:
 
 def base_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def measure_unlearn(base, forget, retain, config: UnlearnConfig, mask=None) -> int:
-    """Measured peak bytes of `unlearn.unlearn(base, forget, retain, config, mask)`: the resident base
-    model plus the rise of peak resident memory during the run (`measure_peak`; a 1-step warm-up
-    run first). Pass `mask` to leave attribution out of the measurement."""
-    import dataclasses
-
-    from simu_core.unlearn import unlearn
-
-    unlearn(base, forget, retain, dataclasses.replace(config, steps=1), mask=mask)
-    _, rise = measure_peak(lambda: unlearn(base, forget, retain, config, mask=mask))
-    return base_bytes(base.model) + rise

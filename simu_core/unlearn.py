@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from simu_core import data as qa
-from simu_core import distributed
+from simu_core import distributed, memory
 from simu_core import targets as tg
-from simu_core.arch import count_parameters, neuron_layers
-from simu_core.config import MaskConfig, UnlearnConfig, to_dict
+from simu_core.arch import count_parameters
+from simu_core.config import MaskConfig, UnlearnConfig
 from simu_core.errors import SimuError
 from simu_core.losses import (
     NEEDS_REFERENCE,
@@ -50,6 +50,7 @@ from simu_core.losses import (
     mean_nll,
 )
 from simu_core.masks import MLP_PARTS, check_mask_fits, make_mask, random_mask_like
+from simu_core.methods import Method, get_method
 from simu_core.models import LoadedModel, greedy_answers, pick_device
 from simu_core.neurons import NeuronMask
 from simu_core.optim import (
@@ -67,197 +68,6 @@ from simu_core.optim import (
 STATUSES = ("ok", "failed", "cancelled")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("sophia", "adamw")
-
-
-# --------------------------------------------------------------------------------------------
-# Trainable sets and the methods registry
-# --------------------------------------------------------------------------------------------
-
-TrainableSet = Callable[[nn.Module, UnlearnConfig, "NeuronMask | None"], list[TrainableParam]]
-
-
-def _decays(param: torch.Tensor) -> bool:
-    """Decoupled weight decay on matrices only (not on norms and biases), as SOUL does."""
-    return param.ndim >= 2
-
-
-def all_weights(model: nn.Module, config: UnlearnConfig, mask: NeuronMask | None) -> list[TrainableParam]:
-    """Every parameter of the model in full (shared tensors once)."""
-    return [TrainableParam(name, p, decay=_decays(p)) for name, p in model.named_parameters()]
-
-
-def masked_weights(model: nn.Module, config: UnlearnConfig, mask: NeuronMask | None) -> list[TrainableParam]:
-    """SIMU's set: attention projections in full (if `config.attention`) + the selected neurons'
-    output-projection columns (rows for Conv1D), and with `mlp_parts="down_up"` their gate/up rows."""
-    if mask is None:
-        raise SimuError("this method needs a neuron mask; none was given or computed.")
-    result = []
-    for layer, keep in zip(neuron_layers(model), mask.layers, strict=True):
-        if config.attention:
-            for name, module in layer.attention:
-                result += [
-                    TrainableParam(f"{name}.{pname}", p, decay=_decays(p))
-                    for pname, p in module.named_parameters(recurse=False)
-                ]
-        index = torch.nonzero(keep.to(torch.bool), as_tuple=False).flatten().to(layer.down.weight.device)
-        if len(index) == 0:
-            continue
-        result.append(TrainableParam(f"{layer.down_name}.weight", layer.down.weight, layer.down_dim, index))
-        if config.mlp_parts == "down_up":
-            for name, module in layer.ups:
-                result.append(TrainableParam(f"{name}.weight", module.weight, layer.up_dim, index))
-                if getattr(module, "bias", None) is not None:
-                    result.append(TrainableParam(f"{name}.bias", module.bias, 0, index, decay=False))
-    return result
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered method: its trainable set, which mask it uses, and its preset settings."""
-
-    help: str
-    trainables: TrainableSet
-    mask: str | None  # "selected" (from attribution or a file), "random" (same counts), or None
-    preset: dict = field(default_factory=dict)
-
-
-# Presets for the built-in default (1.2M-parameter Llama), tuned on forget10 / retain10 with seed 0
-# (`bench/tune_presets.py`; every point and the rule are in docs/RESULTS.md): per method, the grid point
-# that reaches the forget target (greedy exact match <= 0.05 within the step budget) with the highest
-# model utility; for SIMU only masks of at most 10% of the MLP neurons count (its premise: few neurons).
-_SOPHIA = {"optimizer": "sophia", "betas": (0.9, 0.95), "rho": 0.04, "estimator": "gnb", "hessian_interval": 10}
-_SIMU = {
-    **_SOPHIA,
-    "loss": "graddiff",
-    "lr": 1e-3,
-    "gamma": 10.0,
-    "steps": 250,
-    "attention": False,
-    "mlp_parts": "down_up",
-    "mask": {
-        "method": "simu_ig",
-        "steps": 5,
-        "rule": "layer_threshold",
-        "value": 0.2,
-        "dual": "include",
-        "score": "forget",
-    },  # fmt: skip
-    "stop_forget_em": 0.05,
-}
-# The paper's trainable set (see ../shared/references.md 1.2, from secondary summaries): the attention
-# projections in full plus the critical neurons' down-projection columns; gate/up stay frozen.
-_SIMU_PAPER = {**_SIMU, "attention": True, "mlp_parts": "down", "lr": 1e-4, "gamma": 5.0}
-PRESET_NOTES = "tuned on forget10 with seed 0 (bench/tune_presets.py); the search is in docs/RESULTS.md"
-
-METHODS: dict[str, Method] = {
-    "simu": Method("SIMU: masked Sophia + GradDiff on the critical neurons", masked_weights, "selected", _SIMU),
-    "random_mask": Method("SIMU with a random mask of the same size (control)", masked_weights, "random", _SIMU),
-    "simu_paper": Method(
-        "SIMU as the paper describes it: masked Sophia + GradDiff on the attention projections in full and the "
-        "critical neurons' down-projection columns",
-        masked_weights,
-        "selected",
-        _SIMU_PAPER,
-    ),
-    "random_mask_paper": Method(
-        "simu_paper with a random mask of the same size (control)", masked_weights, "random", _SIMU_PAPER
-    ),
-    "so_graddiff": Method(
-        "SO-GradDiff (SOUL): Sophia + GradDiff on all weights",
-        all_weights,
-        None,
-        {**_SOPHIA, "loss": "graddiff", "lr": 1e-4, "gamma": 5.0, "steps": 250, "stop_forget_em": 0.05},
-    ),
-    "fo_graddiff": Method(
-        "FO-GradDiff: AdamW + GradDiff on all weights",
-        all_weights,
-        None,
-        {
-            "optimizer": "adamw",
-            "betas": (0.9, 0.999),
-            "loss": "graddiff",
-            "lr": 1e-4,
-            "gamma": 5.0,
-            "steps": 250,
-            "stop_forget_em": 0.05,
-        },  # fmt: skip
-    ),
-    "ga": Method(
-        "Gradient ascent (AdamW) on all weights",
-        all_weights,
-        None,
-        {
-            "optimizer": "adamw",
-            "betas": (0.9, 0.999),
-            "loss": "ga",
-            "lr": 5e-5,
-            "gamma": 0.0,
-            "steps": 250,
-            "stop_forget_em": 0.05,
-        },  # fmt: skip
-    ),
-    "npo": Method(
-        "NPO (AdamW) + retain NLL on all weights",
-        all_weights,
-        None,
-        {
-            "optimizer": "adamw",
-            "betas": (0.9, 0.999),
-            "loss": "npo",
-            "lr": 5e-5,
-            "gamma": 5.0,
-            "npo_beta": 0.1,
-            "steps": 250,
-            "stop_forget_em": 0.05,
-        },  # fmt: skip
-    ),
-}
-
-
-# Presets for other built-in models: per model spec, per method, the settings that replace the ones above
-# (tuned on splits that are never reported; the search is in docs/RESULTS.md, "SmolLM2 presets").
-SMOLLM2_PRESET_NOTES = (
-    "tuned for SmolLM2 on the real-knowledge benchmark's other_capitals split (never reported) with seed 0, "
-    "3 learning rates per method (bench/tune_presets.py --benchmark smollm2); the search is in docs/RESULTS.md"
-)
-_SMOLLM2_RUN = {"gamma": 5.0, "steps": 60, "eval_every": 5}  # every method: same retain weight, budget, stop checks
-MODEL_PRESETS: dict[str, dict[str, dict]] = {
-    "builtin:smollm2": {
-        "simu": {**_SMOLLM2_RUN, "lr": 1e-4},
-        "random_mask": {**_SMOLLM2_RUN, "lr": 1e-4},  # the control takes SIMU's preset
-        "simu_paper": {**_SMOLLM2_RUN, "lr": 1e-5},
-        "random_mask_paper": {**_SMOLLM2_RUN, "lr": 1e-5},  # the control takes simu_paper's
-        "so_graddiff": {**_SMOLLM2_RUN, "lr": 3e-6},
-        "fo_graddiff": {**_SMOLLM2_RUN, "lr": 1e-5},
-        "ga": {"steps": 60, "eval_every": 5},  # no retain term: gamma stays 0
-        "npo": {**_SMOLLM2_RUN},  # ga and npo: the default's lr, not tuned for SmolLM2
-    },
-}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise SimuError(f"unknown method '{name}'. Choose one of: {', '.join(METHODS)}.")
-    return METHODS[name]
-
-
-def preset_config(method: str, **overrides) -> UnlearnConfig:
-    """The method's preset as an `UnlearnConfig`, with `overrides` (None values are ignored) on top.
-
-    The preset is the one for the built-in default, with the settings of `MODEL_PRESETS` on top when
-    `overrides["model"]` names a model that has its own. `mask` may be given as a `MaskConfig` or a
-    dict of its fields (merged into the preset's).
-    """
-    own = MODEL_PRESETS.get(str(overrides.get("model", "")).strip(), {}).get(method, {})
-    preset = {**get_method(method).preset, **own}
-    mask = {**to_dict(MaskConfig()), **get_method(method).preset.get("mask", {}), **own.get("mask", {})}
-    preset.pop("mask", None)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    given = overrides.pop("mask", {})
-    mask.update(to_dict(given) if isinstance(given, MaskConfig) else given)
-    config = UnlearnConfig.from_json({**to_dict(UnlearnConfig()), **preset, **overrides, "method": method})
-    config.mask = MaskConfig(**mask)
-    return config
 
 
 def validate_config(config: UnlearnConfig) -> None:
@@ -497,59 +307,6 @@ def degenerate_fraction(loaded: LoadedModel, model: nn.Module, questions: Sequen
     return sum(is_degenerate(i) for i in ids) / max(1, len(ids))
 
 
-def _size(n_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n_bytes < 1024 or unit == "TB":
-            return f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return f"{n_bytes:.1f} TB"
-
-
-def estimate_memory(
-    model: nn.Module, config: UnlearnConfig, state_entries: int, grad_entries: int, length: int, shards: int = 1
-) -> int:
-    """Rough peak bytes of a run on one process: fp32 working copy, gradients, optimiser state, activations.
-    `state_entries` / `grad_entries` are this process's; with the model sharded over `shards` processes
-    each holds 1/shards of the working copy.
-
-    Activations per token and layer are taken as ~(16 d + 4 d_ff + heads * length) floats (saved
-    inputs of every projection, attention scores, norms), plus 3 copies of the vocabulary logits;
-    Hutchinson's double backward keeps about 3x the activations.
-    """
-    cfg = getattr(model, "config", None)
-    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
-    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 8)
-    vocab = getattr(cfg, "vocab_size", 32000)
-    tokens = (config.batch_size + config.retain_batch_size) * length
-    per_token = layers * (16 * d + 4 * d_ff + heads * length) + 3 * vocab
-    activations = tokens * per_token * 4 * (3 if config.estimator == "hutchinson" else 1)
-    weights = count_parameters(model) * 4
-    reference = weights if config.loss in NEEDS_REFERENCE else 0
-    return reference + weights // shards + 4 * grad_entries + 8 * state_entries + activations
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on `device` (GPU: free device memory; CPU: available RAM)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil  # a dependency of accelerate
-
-    return psutil.virtual_memory().available
-
-
-def check_memory(needed: int, available: int, device: torch.device, limit_gb: float | None = None) -> None:
-    """SimuError when a run needing `needed` bytes does not fit (in `available` or the user's limit)."""
-    limit = available if limit_gb is None else min(available, int(limit_gb * 1024**3))
-    if needed > limit:
-        raise SimuError(
-            f"not enough memory: this run needs about {_size(needed)} on {device.type} but only {_size(limit)} is "
-            "available. Lower --batch-size, use method 'simu' (its state covers only the selected neurons), "
-            "or run on a machine with more memory."
-        )
-
-
 def _warn_overlap(forget: qa.QADataset, retain: qa.QADataset | None) -> list[str]:
     if retain is None:
         return []
@@ -704,6 +461,32 @@ def _make_optimizer(config: UnlearnConfig, trainables: list[TrainableParam]) -> 
     return Sophia(trainables, rho=config.rho, eps=config.eps, update_interval=interval, **kwargs)
 
 
+def _check_memory(
+    base: LoadedModel,
+    work: nn.Module,
+    config: UnlearnConfig,
+    mask: NeuronMask | None,
+    length: int,
+    device: torch.device,
+    shards: int,
+) -> int:
+    """The run's planned peak bytes per process (`memory.plan`, on the whole working copy); SimuError
+    naming the size when that is more than `device` has free or `config.max_memory_gb`."""
+    planned = memory.plan(memory.shape_of(work), config, length, neurons=mask.total() if mask is not None else 0,
+                          base_dtype=memory.dtype_name(base.model), device=device.type, shards=shards)  # fmt: skip
+    memory.check_fits(planned.total, memory.free_bytes(device), device, config.max_memory_gb)
+    return planned.total
+
+
+def measure_unlearn(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | None = None) -> int:
+    """Measured peak bytes of `unlearn(base, forget, retain, config, mask)` (to check `memory.plan`): the
+    resident base model plus the rise of peak resident memory during the run (`memory.measure_peak`,
+    Linux only; a 1-step warm-up run first). Pass `mask` to leave attribution out of the measurement."""
+    unlearn(base, forget, retain, dataclasses.replace(config, steps=1), mask=mask)
+    _, rise = memory.measure_peak(lambda: unlearn(base, forget, retain, config, mask=mask))
+    return memory.base_bytes(base.model) + rise
+
+
 def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | None) -> _Session:
     """Working copy, mask, trainable set, optimiser, batches, memory check."""
     method = get_method(config.method)
@@ -720,12 +503,6 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
         p.requires_grad_(False)
     loaded = LoadedModel(work, base.tokenizer, base.fmt, base.spec, base.source)
     mask = resolve_mask(method, loaded, forget, retain, config, mask)  # attribution runs on the whole model
-    sharded = config.shard and group.world > 1
-    if sharded:
-        distributed.shard_model(work, group)  # before the trainable set: sharding makes new (frozen) parameters
-    trainables = method.trainables(work, config, mask)
-    opt = _make_optimizer(config, trainables)
-
     pad = qa.pad_id_of(base.tokenizer)
     forget_ex = qa.encode_dataset(base.tokenizer, base.fmt, forget)
     ascend = (
@@ -733,11 +510,12 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     )
     retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
     length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
-    # trained entries this process holds: compact slices whole, whole tensors as FSDP shards them
-    entries = sum(tp.numel() if tp.masked else distributed.local(tp.param).numel() for tp in trainables)
-    needed = estimate_memory(work, config, entries, entries, length, shards=group.world if sharded else 1)
-    check_memory(needed, available_memory(device), device, config.max_memory_gb)
-
+    sharded = config.shard and group.world > 1
+    needed = _check_memory(base, work, config, mask, length, device, group.world if sharded else 1)
+    if sharded:
+        distributed.shard_model(work, group)  # before the trainable set: sharding makes new (frozen) parameters
+    trainables = method.trainables(work, config, mask)
+    opt = _make_optimizer(config, trainables)
     for tp in trainables:
         tp.param.requires_grad_(True)
     leaves = SliceLeaves(work, trainables)  # masked slices train through compact leaves
@@ -937,7 +715,7 @@ def unlearn(
     except torch.OutOfMemoryError as err:
         raise SimuError(
             f"out of memory on {session.device.type} during unlearning: this run needs about "
-            f"{_size(session.needed_bytes)}. Lower --batch-size, use method 'simu', or use a machine with more memory."
+            f"{memory.size_text(session.needed_bytes)}. Lower --batch-size, use method 'simu', or use a machine with more memory."
         ) from err
     finally:
         session.leaves.remove()

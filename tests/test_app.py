@@ -21,9 +21,9 @@ from streamlit.testing.v1 import AppTest
 from simu_core import data as qa
 from simu_core.arch import neuron_layers
 from simu_core.attribution import attribute
+from simu_core.methods import preset_config
 from simu_core.neurons import NeuronMask
 from simu_core.runs import list_runs, model_fingerprint, run_unlearning
-from simu_core.unlearn import preset_config
 
 REPO = Path(__file__).resolve().parents[1]
 HEADERS = {

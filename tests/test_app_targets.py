@@ -9,7 +9,7 @@ from simu_core import data as qa
 from simu_core.attribution import attribute
 from simu_core.localise import localise
 from simu_core.masks import make_mask
-from simu_core.unlearn import preset_config
+from simu_core.methods import preset_config
 from tests.test_app import app, app_home, attribution_ready, poll, texts  # noqa: F401 (fixtures)
 
 

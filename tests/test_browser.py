@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from simu_core.unlearn import preset_config
+from simu_core.methods import preset_config
 from tests.browser import HAVE_CHROMIUM, REPO, app_server, chromium, nav, settle
 
 ARTIFACTS = REPO / "artifacts"

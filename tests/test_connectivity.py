@@ -213,9 +213,10 @@ def test_path_keeps_no_reference_to_model_b(full_model):
 
 
 def test_a_run_folder_is_an_endpoint_and_its_delta_is_all_that_is_carried(full_model, splits, tmp_path):
+    from simu_core.methods import preset_config
     from simu_core.neurons import NeuronMask
     from simu_core.runs import save_run
-    from simu_core.unlearn import preset_config, unlearn
+    from simu_core.unlearn import unlearn
 
     mask = NeuronMask([torch.arange(layer.d_ff) % 16 == 3 for layer in arch.neuron_layers(full_model.model)], "manual")
     config = preset_config("simu", steps=3, batch_size=8, retain_batch_size=8, probe_every=0, stop_forget_em=None)

@@ -6,9 +6,10 @@ import pytest
 
 from simu_core import data as qa
 from simu_core.figures import curve_points, tradeoff_figure, write_figures
+from simu_core.methods import preset_config
 from simu_core.metrics import EvalConfig, evaluate
 from simu_core.metrics.curve import checkpoint_scores, first_reaching
-from simu_core.unlearn import preset_config, unlearn
+from simu_core.unlearn import unlearn
 
 
 @pytest.fixture(scope="module")

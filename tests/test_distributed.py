@@ -237,7 +237,8 @@ def test_the_sharded_gnb_estimate_is_the_one_process_estimate(full_model, builti
      ({"method": "simu", "estimator": "hutchinson"}, "no double backward")],
 )  # fmt: skip
 def test_shard_is_refused_where_it_cannot_apply(settings, message):
-    from simu_core.unlearn import preset_config, validate_config
+    from simu_core.methods import preset_config
+    from simu_core.unlearn import validate_config
 
     config = preset_config(settings.pop("method"), shard=True, **settings)
     with pytest.raises(SimuError, match=message):
@@ -246,7 +247,8 @@ def test_shard_is_refused_where_it_cannot_apply(settings, message):
 
 def test_shard_on_one_process_is_an_ordinary_run(full_model, builtin_dir):
     """Without a launcher there is nothing to shard over: the run is the unsharded one, bit for bit."""
-    from simu_core.unlearn import preset_config, unlearn
+    from simu_core.methods import preset_config
+    from simu_core.unlearn import unlearn
 
     forget = qa.load_data(str(builtin_dir / "data" / "forget10.jsonl"))
     retain = qa.load_data(str(builtin_dir / "data" / "retain10.jsonl"))

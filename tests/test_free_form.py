@@ -17,7 +17,8 @@ import torch
 from simu_core import data as qa
 from simu_core import metrics, models
 from simu_core.answers import match_rate
-from simu_core.unlearn import forget_exact_match, greedy_exact_match, preset_config, unlearn
+from simu_core.methods import preset_config
+from simu_core.unlearn import forget_exact_match, greedy_exact_match, unlearn
 
 COMPLETION = qa.PromptFormat("Answer the question. {question}")
 

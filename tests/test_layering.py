@@ -57,28 +57,31 @@ LAYERS = {
     "simu_core.metrics.results": 6,
     "simu_core.metrics.driver": 6,
     "simu_core.metrics.curve": 6,  # trade-off curve points and MUSE's checkpoint rule
-    # unlearning (stage 2 and the baselines); does the model know the forget set (before attribution/unlearning)
-    "simu_core.unlearn": 7,
+    # the unlearning methods: trainable sets, registry, presets; does the model know the forget set
+    # (before attribution/unlearning); the localisation check (ablate a mask against random masks)
+    "simu_core.methods": 7,
     "simu_core.knowledge_check": 7,
-    "simu_core.localise": 7,  # the localisation check (ablate a mask against random masks)
-    # run folders
-    "simu_core.runs": 8,
+    "simu_core.localise": 7,
     # the memory planner (reads the methods' trainable sets and presets)
     "simu_core.memory": 8,
+    # unlearning (stage 2 and the baselines; checks the planner's estimate before it starts)
+    "simu_core.unlearn": 9,
+    # run folders
+    "simu_core.runs": 10,
     # mode connectivity between models and runs; the relearning attack on a model or a run
-    "simu_core.connectivity": 9,
-    "simu_core.relearn": 9,
+    "simu_core.connectivity": 11,
+    "simu_core.relearn": 11,
     # every plotly figure
-    "simu_core.figures": 10,
+    "simu_core.figures": 12,
     # the HTML evaluation report
-    "simu_core.report": 11,
+    "simu_core.report": 13,
     # evaluating models and runs named by specs
-    "simu_core.evaluation": 12,
+    "simu_core.evaluation": 14,
     # the quality benchmark
-    "simu_core.benchmark": 13,
+    "simu_core.benchmark": 15,
     # the command line
-    "simu_core.cli": 14,
-    "simu_core.__main__": 15,
+    "simu_core.cli": 16,
+    "simu_core.__main__": 17,
 }
 PLOTTING = ("plotly",)  # only simu_core.figures imports these
 FORBIDDEN = ("streamlit",)  # simu_core never imports these

@@ -122,7 +122,8 @@ def test_stage2_forget_tokens_fact_ascends_on_the_value_tokens_only(full_model, 
     """With the whole forget set in one batch, step 1's forget loss is the original model's mean NLL over
     the forget term's tokens: the value tokens with forget_tokens='fact', every answer token by default."""
     from simu_core import targets as tg
-    from simu_core.unlearn import preset_config, unlearn
+    from simu_core.methods import preset_config
+    from simu_core.unlearn import unlearn
 
     forget = sets[0]
     losses = {}
@@ -143,7 +144,8 @@ def test_stage2_forget_tokens_fact_ascends_on_the_value_tokens_only(full_model, 
 
 
 def test_unknown_forget_tokens_are_named(full_model, sets):
-    from simu_core.unlearn import preset_config, unlearn
+    from simu_core.methods import preset_config
+    from simu_core.unlearn import unlearn
 
     with pytest.raises(SimuError, match="unknown forget_tokens 'all'"):
         unlearn(full_model, sets[0], None, preset_config("ga", steps=1, forget_tokens="all"))

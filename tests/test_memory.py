@@ -11,7 +11,7 @@ import pytest
 
 from simu_core import memory
 from simu_core.errors import SimuError
-from simu_core.unlearn import masked_weights, preset_config
+from simu_core.methods import masked_weights, preset_config
 
 
 def test_smollm2_shape_is_built_from_its_config_on_the_meta_device():
@@ -22,7 +22,7 @@ def test_smollm2_shape_is_built_from_its_config_on_the_meta_device():
 
 def test_trainable_entries_match_the_real_trainable_sets(full_model):
     """SOUL trains every weight; SIMU the attention (if on) plus its neurons' slices, counted as
-    `unlearn.masked_weights` builds them on the real model."""
+    `methods.masked_weights` builds them on the real model."""
     import torch
 
     from simu_core.arch import neuron_layers
@@ -53,6 +53,16 @@ def test_fits_compares_against_the_available_bytes(full_model):
     assert memory.plan(shape, preset_config("simu"), 32, available=small.total - 1).fits is False
 
 
+def test_a_run_that_does_not_fit_is_refused_with_the_size_and_the_fixes():
+    import torch
+
+    with pytest.raises(SimuError, match=r"needs about 76.3 MiB on cpu but only 976.6 KiB .*--shard"):
+        memory.check_fits(80_000_000, 1_000_000, torch.device("cpu"))
+    with pytest.raises(SimuError, match="only 1.0 MiB"):  # the user's limit, when it is the smaller
+        memory.check_fits(80_000_000, 10**12, torch.device("cpu"), limit_gb=1 / 1024)
+    memory.check_fits(80_000_000, 80_000_000, torch.device("cpu"))  # exactly enough fits
+
+
 def test_bad_lengths_and_dtypes_are_refused(full_model):
     shape = memory.shape_of(full_model.model)
     with pytest.raises(SimuError, match="sequence length"):
@@ -76,7 +86,8 @@ import json, sys, torch
 torch.set_num_threads(1)
 from simu_core import data as qa, memory
 from simu_core.models import load_model
-from simu_core.unlearn import compute_mask, preset_config
+from simu_core.methods import preset_config
+from simu_core.unlearn import compute_mask, measure_unlearn
 root = sys.argv[1]
 base = load_model(root + "/models/full", device="cpu")
 forget = qa.load_data(root + "/data/forget10.jsonl")
@@ -88,7 +99,7 @@ for method in ("simu", "so_graddiff"):
                       retain_batch_size=32, mask={"method": "grad_x_act"})
     c.probe_every = 0
     mask = compute_mask(base, forget, retain, c.mask) if method == "simu" else None
-    out[method] = [memory.measure_unlearn(base, forget, retain, c, mask), mask.total() if mask else None]
+    out[method] = [measure_unlearn(base, forget, retain, c, mask), mask.total() if mask else None]
 print(json.dumps(out))
 """
 

@@ -119,9 +119,9 @@ def test_evaluate_command_without_model_or_out_explains_the_fix(builtin_home, ca
 
 
 def test_evaluate_command_on_a_run_folder(builtin_home, full_model, splits, tmp_path, capsys):
-    from simu_core import runs, unlearn
+    from simu_core import methods, runs
 
-    config = unlearn.preset_config("ga", steps=3, lr=1e-3, stop_forget_em=None, eval_every=100, probe_every=100)
+    config = methods.preset_config("ga", steps=3, lr=1e-3, stop_forget_em=None, eval_every=100, probe_every=100)
     _, folder = runs.run_unlearning(config, tmp_path / "runs", base=full_model, forget=splits["forget"],
                                     retain=splits["retain"])  # fmt: skip
     code = cli.main(["evaluate", "--run", str(folder), "--max-items", "6", "--json"])

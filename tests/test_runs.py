@@ -13,10 +13,11 @@ from safetensors import safe_open
 from simu_core import data as qa
 from simu_core.arch import neuron_layers
 from simu_core.errors import SimuError
+from simu_core.methods import preset_config
 from simu_core.models import load_model
 from simu_core.neurons import NeuronMask
 from simu_core.runs import delete_run, list_runs, load_run, read_config, read_history, run_unlearning, save_run
-from simu_core.unlearn import preset_config, unlearn
+from simu_core.unlearn import unlearn
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,8 @@ def test_smollm2_attribution_scores_every_neuron(smollm2, teaching):
 
 def test_smollm2_short_simu_run_trains_only_its_neurons(smollm2, teaching):
     from simu_core import data as qa
-    from simu_core.unlearn import dataset_nll, preset_config, unlearn
+    from simu_core.methods import preset_config
+    from simu_core.unlearn import dataset_nll, unlearn
 
     config = preset_config("simu", model="builtin:smollm2", steps=3, stop_forget_em=None, probe_every=0)
     config.stop_forget_em = None  # preset_config ignores None overrides: a fixed 3 steps here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -10,18 +11,10 @@ import torch
 from simu_core import data as qa
 from simu_core.arch import neuron_layers
 from simu_core.errors import SimuError
+from simu_core.methods import METHODS, preset_config
 from simu_core.models import exact_match, greedy_answers
 from simu_core.neurons import NeuronMask
-from simu_core.unlearn import (
-    METHODS,
-    check_memory,
-    dataset_nll,
-    estimate_memory,
-    greedy_exact_match,
-    is_degenerate,
-    preset_config,
-    unlearn,
-)
+from simu_core.unlearn import dataset_nll, greedy_exact_match, is_degenerate, unlearn
 
 
 @pytest.fixture(scope="module")
@@ -246,17 +239,24 @@ def test_forget_items_in_the_retain_set_are_warned_about_with_the_count(full_mod
 
 
 def test_not_enough_memory_names_the_size_needed(full_model, sets):
-    with pytest.raises(SimuError, match=r"needs about .* MB"):
+    with pytest.raises(SimuError, match=r"needs about .* MiB"):
         unlearn(full_model, *sets, _config("so_graddiff", max_memory_gb=1e-6))
 
 
-def test_memory_estimate_grows_with_the_optimizer_state(full_model):
-    cfg = _config("so_graddiff")
-    small = estimate_memory(full_model.model, cfg, state_entries=10, grad_entries=10, length=32)
-    big = estimate_memory(full_model.model, cfg, state_entries=10_000_000, grad_entries=10, length=32)
-    assert big - small == 8 * (10_000_000 - 10)  # two float32 state tensors per trainable entry
-    with pytest.raises(SimuError, match="needs about 76.3 MB"):
-        check_memory(80_000_000, 1_000_000, torch.device("cpu"))
+@pytest.mark.parametrize("method", ["simu", "so_graddiff"])
+def test_a_run_starts_exactly_when_the_planner_says_it_fits(full_model, sets, method):
+    """The pre-start check is `memory.plan` of this run: refused 1% below the planned total, run 1% above."""
+    from simu_core import memory
+
+    mask = _mask(full_model.model) if method == "simu" else None
+    config = _config(method, steps=1)
+    encoded = [e for d in sets for e in qa.encode_dataset(full_model.tokenizer, full_model.fmt, d)]
+    planned = memory.plan(memory.shape_of(full_model.model), config, max(len(e.ids) for e in encoded),
+                          neurons=mask.total() if mask else 0).total  # fmt: skip
+    with pytest.raises(SimuError, match="not enough memory"):
+        unlearn(full_model, *sets, dataclasses.replace(config, max_memory_gb=0.99 * planned / 1024**3), mask=mask)
+    result = unlearn(full_model, *sets, dataclasses.replace(config, max_memory_gb=1.01 * planned / 1024**3), mask=mask)
+    assert result.status == "ok"
 
 
 # --------------------------------------------------------------------------- Sophia's rho, calibrated
@@ -296,7 +296,7 @@ def test_rho_share_needs_sophia(full_model, sets):
 
 
 def test_a_model_with_its_own_presets_gets_them_and_others_the_default():
-    from simu_core.unlearn import MODEL_PRESETS
+    from simu_core.methods import MODEL_PRESETS
 
     own = MODEL_PRESETS["builtin:smollm2"]["simu"]
     smol, tiny = preset_config("simu", model="builtin:smollm2"), preset_config("simu", model="builtin:full")
