@@ -468,12 +468,19 @@ def _check_memory(
     mask: NeuronMask | None,
     length: int,
     device: torch.device,
-    shards: int,
+    group: distributed.Group,
+    sharded: bool,
+    retained: bool,
 ) -> int:
     """The run's planned peak bytes per process (`memory.plan`, on the whole working copy); SimuError
     naming the size when that is more than `device` has free or `config.max_memory_gb`."""
-    planned = memory.plan(memory.shape_of(work), config, length, neurons=mask.total() if mask is not None else 0,
-                          base_dtype=memory.dtype_name(base.model), device=device.type, shards=shards)  # fmt: skip
+    rows = {"retain": (config.retain or "given") if retained else ""}  # the plan counts retain rows when it names one
+    if group.world > 1 and not sharded:  # data parallel: each process its share of the rows (a sharded plan divides)
+        rows |= {"batch_size": -(-config.batch_size // group.world),
+                 "retain_batch_size": -(-config.retain_batch_size // group.world)}  # fmt: skip
+    planned = memory.plan(memory.shape_of(work), dataclasses.replace(config, **rows), length,
+                          neurons=mask.total() if mask is not None else 0, base_dtype=memory.dtype_name(base.model),
+                          device=device.type, shards=group.world if sharded else 1)  # fmt: skip
     memory.check_fits(planned.total, memory.free_bytes(device), device, config.max_memory_gb)
     return planned.total
 
@@ -511,7 +518,7 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
     length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
     sharded = config.shard and group.world > 1
-    needed = _check_memory(base, work, config, mask, length, device, group.world if sharded else 1)
+    needed = _check_memory(base, work, config, mask, length, device, group, sharded, retain is not None)
     if sharded:
         distributed.shard_model(work, group)  # before the trainable set: sharding makes new (frozen) parameters
     trainables = method.trainables(work, config, mask)
