@@ -248,19 +248,27 @@ def memory_plan(cfg: UnlearnConfig | None) -> None:
 
     if cfg is None:
         return
+    try:
+        plans = run_plans(loaded, forget, retain, cfg, mask.total() if mask else None, cfg.device)
+    except SimuError as err:
+        show_error(err, "plan the memory")
+        return
+    if plans[0].fits is False:
+        st.warning(
+            f"This run needs about {size_text(plans[0].total)} but {plans[0].device} has "
+            f"{size_text(plans[0].available or 0)} free, so it would stop before training with 'not enough "
+            "memory'. Lower the batch sizes, choose SIMU (its optimiser state covers only the selected neurons), "
+            "or free memory."
+        )
     with st.expander("Memory plan: this run vs the comparison method, per device"):
-        try:
-            plans = run_plans(loaded, forget, retain, cfg, mask.total() if mask else None, cfg.device)
-        except SimuError as err:
-            show_error(err, "plan the memory")
-            return
         rows = {part: [size_text(getattr(p, part)) for p in plans] for part in PARTS}
         rows["trainable entries"] = [f"{p.trainable:,}" for p in plans]
         rows["fits"] = ["yes" if p.fits else "NO" for p in plans]
         st.table({"": list(rows), **{p.method: [rows[k][i] for k in rows] for i, p in enumerate(plans)}})
         st.caption(
             f"Device: {plans[0].device}, {size_text(plans[0].available or 0)} free. Estimates (see `python -m "
-            "simu_core plan`): within 20% of measured CPU peaks on the built-ins and a SmolLM2-shaped model."
+            "simu_core plan`): within 12% of measured CPU peaks on the built-ins and a SmolLM2-shaped model. "
+            "Every run checks its own plan before it trains."
             + ("" if mask is not None or METHODS[cfg.method].mask is None else " SIMU assumes 5% of the neurons.")
         )
 

@@ -470,17 +470,19 @@ def _check_memory(
     device: torch.device,
     group: distributed.Group,
     sharded: bool,
-    retained: bool,
+    items: tuple[int, int],
 ) -> int:
     """The run's planned peak bytes per process (`memory.plan`, on the whole working copy); SimuError
-    naming the size when that is more than `device` has free or `config.max_memory_gb`."""
-    rows = {"retain": (config.retain or "given") if retained else ""}  # the plan counts retain rows when it names one
-    if group.world > 1 and not sharded:  # data parallel: each process its share of the rows (a sharded plan divides)
-        rows |= {"batch_size": -(-config.batch_size // group.world),
-                 "retain_batch_size": -(-config.retain_batch_size // group.world)}  # fmt: skip
-    planned = memory.plan(memory.shape_of(work), dataclasses.replace(config, **rows), length,
-                          neurons=mask.total() if mask is not None else 0, base_dtype=memory.dtype_name(base.model),
-                          device=device.type, shards=group.world if sharded else 1)  # fmt: skip
+    naming the size when that is more than `device` has free or `config.max_memory_gb`. `items`: the
+    forget and retain examples there are (0: no retain set); a batch has at most that many rows."""
+    forget_rows, retain_rows = min(config.batch_size, items[0]), min(config.retain_batch_size, items[1])
+    if group.world > 1 and not sharded:  # data parallel: each process its share (a sharded plan divides them itself)
+        forget_rows, retain_rows = -(-forget_rows // group.world), -(-retain_rows // group.world)
+    rows = dataclasses.replace(config, batch_size=forget_rows, retain_batch_size=max(1, retain_rows),
+                               retain=(config.retain or "given") if retain_rows else "")  # fmt: skip
+    planned = memory.plan(memory.shape_of(work), rows, length, neurons=mask.total() if mask is not None else 0,
+                          base_dtype=memory.dtype_name(base.model), device=device.type,
+                          shards=group.world if sharded else 1)  # fmt: skip
     memory.check_fits(planned.total, memory.free_bytes(device), device, config.max_memory_gb)
     return planned.total
 
@@ -518,7 +520,8 @@ def _prepare(base, forget, retain, config: UnlearnConfig, mask: NeuronMask | Non
     retain_ex = qa.encode_dataset(base.tokenizer, base.fmt, retain) if retain is not None else None
     length = max(len(e.ids) for e in forget_ex + (retain_ex or []))
     sharded = config.shard and group.world > 1
-    needed = _check_memory(base, work, config, mask, length, device, group, sharded, retain is not None)
+    items = (len(ascend), len(retain_ex) if retain_ex else 0)
+    needed = _check_memory(base, work, config, mask, length, device, group, sharded, items)
     if sharded:
         distributed.shard_model(work, group)  # before the trainable set: sharding makes new (frozen) parameters
     trainables = method.trainables(work, config, mask)

@@ -432,6 +432,17 @@ def test_unlearn_page_plans_the_memory_of_the_run_next_to_soul_before_launch(app
     assert set(table[""]) >= {"weights", "optimizer", "activations", "total", "fits"}
 
 
+def test_unlearn_page_warns_before_launch_when_the_run_would_not_fit(app, monkeypatch):
+    from simu_core import memory
+
+    open_page(app, "unlearn")
+    assert not any("would stop before training" in w.value for w in app.warning)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1024**2)  # a device with 1 MiB free
+    app.selectbox(key="ul_method").set_value("fo_graddiff").run()
+    warning = next(w.value for w in app.warning if "would stop before training" in w.value)
+    assert "1.0 MiB free" in warning and "Lower the batch sizes" in warning
+
+
 def test_the_model_page_offers_the_two_stage_builds_on_this_machine(app, app_home, builtin_dir):
     build = app_home / "staged-tiny-seed7"
     (build / "models").mkdir(parents=True)

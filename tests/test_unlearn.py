@@ -259,28 +259,28 @@ def test_a_run_starts_exactly_when_the_planner_says_it_fits(full_model, sets, me
     assert result.status == "ok"
 
 
-def test_the_check_plans_each_process_share_of_the_rows_and_only_the_sets_given(full_model):
+def test_the_check_plans_the_rows_each_process_computes(full_model):
     """Data parallel: each process plans its share of the batch rows; sharded: the sharded plan (which
-    divides the rows itself); no retain set: no retain rows."""
+    divides the rows itself); a batch has at most the examples there are; no retain set, no retain rows."""
     from simu_core import distributed, memory
     from simu_core.unlearn import _check_memory
 
-    config, shape, cpu = (
-        _config("so_graddiff", batch_size=8, retain_batch_size=6),
-        memory.shape_of(full_model.model),
-        torch.device("cpu"),
-    )
+    config = _config("so_graddiff", batch_size=8, retain_batch_size=6)
+    shape, cpu = memory.shape_of(full_model.model), torch.device("cpu")
     group = distributed.Group("cpu")
     group.world = 2  # only the count matters to the check; nothing is launched
 
-    def check(sharded, retained):
-        return _check_memory(full_model, full_model.model, config, None, 32, cpu, group, sharded, retained)
+    def check(sharded, items=(100, 100)):
+        return _check_memory(full_model, full_model.model, config, None, 32, cpu, group, sharded, items)
 
-    half = dataclasses.replace(config, batch_size=4, retain_batch_size=3)
-    assert check(False, True) == memory.plan(shape, half, 32, neurons=0).total
-    assert check(True, True) == memory.plan(shape, config, 32, neurons=0, shards=2).total
-    assert check(False, False) == memory.plan(shape, dataclasses.replace(half, retain=""), 32, neurons=0).total
-    assert check(False, False) < check(False, True)
+    def planned(shards=1, **rows):
+        return memory.plan(shape, dataclasses.replace(config, **rows), 32, neurons=0, shards=shards).total
+
+    assert check(False) == planned(batch_size=4, retain_batch_size=3)
+    assert check(True) == planned(shards=2)
+    assert check(False, (3, 100)) == planned(batch_size=2, retain_batch_size=3)  # 3 forget rows, 2 on the first process
+    assert check(False, (100, 0)) == planned(batch_size=4, retain="")
+    assert check(False, (100, 0)) < check(False)
 
 
 # --------------------------------------------------------------------------- Sophia's rho, calibrated
