@@ -1,7 +1,8 @@
-"""Unlearning (SIMU stage 2 and the baselines): one training loop, a registry of methods, presets.
+"""Unlearning (SIMU stage 2 and the baselines): one training loop for every method.
 
-A method names a trainable set, an optimiser and a loss (`METHODS`); its preset fills the other
-settings. `unlearn(base, forget, retain, config)` trains a deep copy of `base.model` (the original is
+A method names a trainable set, an optimiser and a loss (`methods.METHODS`); its preset fills the
+other settings. Before it trains, a run checks its memory plan (`memory.plan`) against the device's
+free memory. `unlearn(base, forget, retain, config)` trains a deep copy of `base.model` (the original is
 never modified) and returns an `UnlearnResult` with the unlearned model, the per-step history and the
 changed parameter slices (what `runs.save_run` writes as the run's delta).
 
