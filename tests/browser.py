@@ -79,10 +79,15 @@ def chromium() -> Iterator:
             browser.close()
 
 
-def settle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until the app is connected and no script is running."""
+def settle(page, timeout_ms: int = 60_000, quiet_ms: int = 300) -> None:
+    """Wait until the app is connected and no script is running, twice `quiet_ms` apart: a run that ends
+    in `st.rerun()` (a finished job or build, a preparation) starts the next one just after, and
+    widgets found in between may be the old run's, drawn twice while the page redraws."""
     page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=timeout_ms)
-    page.wait_for_selector("[data-test-script-state='notRunning']", timeout=timeout_ms)
+    idle = "[data-test-script-state='notRunning']"
+    page.wait_for_selector(idle, timeout=timeout_ms)
+    page.wait_for_timeout(quiet_ms)
+    page.wait_for_selector(idle, timeout=timeout_ms)
 
 
 def nav(page, title: str) -> None:
