@@ -640,6 +640,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="the loaded base model's dtype (default: bfloat16 on CUDA, else float32)")  # fmt: skip
     p.add_argument("--neurons", type=int, default=None, help="SIMU's selected neurons in all (default: 5%% of them)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="plan per process for `unlearn --processes N` (data parallel): N processes share each "
+                        "batch, each holds the whole model (default: --shards)")  # fmt: skip
     p.add_argument("--shards", type=int, default=1,
                    help="plan per process for `unlearn --processes N --shard`: N processes share each batch and "
                         "the working copy; the whole-tensor methods (SOUL, FO-GradDiff, GA, NPO) also their "
@@ -659,7 +662,8 @@ def plan_cmd(args: argparse.Namespace) -> dict:
     configs = [preset_config(m.strip(), batch_size=args.batch_size, retain_batch_size=args.retain_batch_size)
                for m in args.methods.split(",") if m.strip()]  # fmt: skip
     plans = memory.compare(shape, configs, args.seq_len, neurons=args.neurons, base_dtype=dtype,
-                           device=device.split(" ")[0], available=free, shards=args.shards)  # fmt: skip
+                           device=device.split(" ")[0], available=free, shards=args.shards,
+                           processes=args.processes)  # fmt: skip
     print(memory.table(plans))
     summary = {"model": args.model, "params": shape.params, "device": device, "available_bytes": free}
     if not args.json:

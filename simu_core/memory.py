@@ -148,10 +148,13 @@ class MemoryPlan:
     device: str = ""
     available: int | None = None
     shards: int = 1  # processes the working copy (and what trains whole) is sharded over (FSDP), 1 = not sharded
+    processes: int = 1  # processes the batch rows are shared by (= shards when sharded)
 
     @property
     def label(self) -> str:
-        return self.method if self.shards == 1 else f"{self.method} /{self.shards}"
+        if self.shards > 1:
+            return f"{self.method} /{self.shards}"
+        return self.method if self.processes == 1 else f"{self.method} x{self.processes}"
 
     @property
     def fits(self) -> bool | None:
@@ -202,14 +205,16 @@ def plan(
     device: str = "cpu",
     available: int | None = None,
     shards: int = 1,
+    processes: int | None = None,
 ) -> MemoryPlan:
     """Estimated peak bytes of `config` on a model of `shape` with rows of `seq_len` tokens.
 
     `neurons`: SIMU's selected neurons in all (default `neuron_fraction` of the MLP neurons).
     `base_dtype`: the loaded base model's dtype (bf16 on GPUs that support it). `available`: free
-    bytes of the device, for `fits`. `shards`: processes the run is spread over and sharded over
-    (`--processes N --shard`, FSDP), each with 1/N of the batch rows and 1/N of the float32 working
-    copy, plus the weights FSDP gathers while it computes (the root's, i.e. embeddings and head, all
+    bytes of the device, for `fits`. `processes`: processes the run is spread over (`--processes N`,
+    data parallel: each with 1/N of the batch rows and everything else whole; default `shards`).
+    `shards`: processes the run is sharded over (`--processes N --shard`, FSDP; 1 or `processes`),
+    each with 1/N of the batch rows and 1/N of the float32 working copy, plus the weights FSDP gathers while it computes (the root's, i.e. embeddings and head, all
     along, and two decoder blocks at a time: one computing, one prefetched); the loaded base model
     stays whole. What FSDP trains (every tensor of a whole-tensor method, SIMU's attention when it
     trains) has 1/N of its gradients, optimiser state and curvature per process, plus, while a unit's
@@ -225,8 +230,12 @@ def plan(
         raise SimuError(f"unknown dtype '{base_dtype}'. Choose one of: {', '.join(DTYPE_BYTES)}.")
     if neurons is None:
         neurons = math.ceil(neuron_fraction * shape.d_ff * shape.layers)
-    if shards < 1:
-        raise SimuError(f"shards must be >= 1 (got {shards}).")
+    processes = shards if processes is None else processes
+    if shards < 1 or processes < 1:
+        raise SimuError(f"shards and processes must be >= 1 (got {shards}, {processes}).")
+    if shards not in (1, processes):
+        raise SimuError(f"a sharded run shards over all its {processes} processes: shards must be 1 or {processes} "
+                        f"(got {shards}).")  # fmt: skip
     trainable = trainable_entries(shape, config, neurons)
     whole = trainable == shape.params
     in_fsdp = trainable if whole else (shape.attention_params if config.attention else 0)  # trained sharded
@@ -244,14 +253,15 @@ def plan(
     gradients, optimizer = held(4), held(8)
     curvature = max(held(curvature_bytes(1, config)), 3 * 4 * min(trainable, shape.largest))
     bf16 = device.startswith("cuda") and base_dtype == "bfloat16"  # autocast on CUDA
-    rows = {"batch_size": -(-config.batch_size // shards), "retain_batch_size": -(-config.retain_batch_size // shards)}
+    rows = {"batch_size": -(-config.batch_size // processes),
+            "retain_batch_size": -(-config.retain_batch_size // processes)}  # fmt: skip
     activations = activation_bytes(shape, replace(config, **rows), seq_len, neurons, bf16)
     total = weights + gradients + optimizer + max(curvature, activations)
     if shards > 1:  # the working copy is whole until FSDP shards it, and the run is gathered back whole at the end
         loaded = weights - 4 * shape.params // shards - gathered
         total = max(total, loaded + 4 * shape.params + min(4 * trainable, 4 * shape.params // shards))
     return MemoryPlan(config.method, trainable, weights, gradients, optimizer, curvature, activations, total,
-                      device, available, shards)  # fmt: skip
+                      device, available, shards, processes)  # fmt: skip
 
 
 def device_memory(device: str | None = None) -> tuple[str, int]:

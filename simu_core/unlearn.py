@@ -477,13 +477,11 @@ def _check_memory(
     naming the size when that is more than `device` has free or `config.max_memory_gb`. `items`: the
     forget and retain examples there are (0: no retain set); a batch has at most that many rows."""
     forget_rows, retain_rows = min(config.batch_size, items[0]), min(config.retain_batch_size, items[1])
-    if group.world > 1 and not sharded:  # data parallel: each process its share (a sharded plan divides them itself)
-        forget_rows, retain_rows = -(-forget_rows // group.world), -(-retain_rows // group.world)
     rows = dataclasses.replace(config, batch_size=forget_rows, retain_batch_size=max(1, retain_rows),
                                retain=(config.retain or "given") if retain_rows else "")  # fmt: skip
     planned = memory.plan(memory.shape_of(work), rows, length, neurons=mask.total() if mask is not None else 0,
                           base_dtype=memory.dtype_name(base.model), device=device.type,
-                          shards=group.world if sharded else 1)  # fmt: skip
+                          shards=group.world if sharded else 1, processes=group.world)  # fmt: skip
     memory.check_fits(planned.total, memory.free_bytes(device), device, config.max_memory_gb)
     return planned.total
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,6 +82,15 @@ def test_cli_plan_prints_simu_and_soul_side_by_side(capsys):
     assert [p["method"] for p in plans] == ["simu", "so_graddiff"] and plans[0]["total"] < plans[1]["total"]
 
 
+def test_cli_plan_takes_the_processes_a_run_is_launched_on(capsys):
+    from simu_core.cli import main
+
+    for flags, expected in ((["--processes", "2"], (2, 1)), (["--shards", "2"], (2, 2))):
+        assert main(["plan", "--model", "shape:smollm2-135m", "--device", "cpu", "--json", *flags]) == 0
+        plans = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plans"]
+        assert {(p["processes"], p["shards"]) for p in plans} == {expected}
+
+
 MEASURE = """
 import json, sys, torch
 torch.set_num_threads(1)
@@ -147,6 +157,21 @@ def test_sharding_divides_soul_state_and_only_simu_weights():
     assert simu4.activations < simu.activations
     with pytest.raises(SimuError, match="shards"):
         memory.plan(shape, preset_config("so_graddiff"), 256, shards=0)
+
+
+def test_data_parallel_processes_share_the_rows_and_hold_everything_else_whole():
+    """`processes=4` without sharding (`--processes 4`): each process computes a quarter of the rows (its
+    activations are the plan of a quarter batch) and holds the whole working copy, gradients and state."""
+    shape = memory.shape_of_config(memory.llama_config(**memory.KNOWN_SHAPES["llama-1b"]))
+    config = preset_config("so_graddiff", batch_size=32, retain_batch_size=30)
+    one, four = memory.plan(shape, config, 256), memory.plan(shape, config, 256, processes=4)
+    quarter = memory.plan(shape, dataclasses.replace(config, batch_size=8, retain_batch_size=8), 256)
+    assert (four.processes, four.shards, four.label) == (4, 1, "so_graddiff x4")
+    assert (four.weights, four.gradients, four.optimizer) == (one.weights, one.gradients, one.optimizer)
+    assert four.activations == quarter.activations < one.activations
+    assert memory.plan(shape, config, 256, shards=4).processes == 4  # a sharded plan shares the rows too
+    with pytest.raises(SimuError, match="shards must be 1 or 4"):
+        memory.plan(shape, config, 256, processes=4, shards=2)
 
 
 def test_simu_with_attention_shards_only_the_attention_state():
