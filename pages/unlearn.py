@@ -254,11 +254,11 @@ def memory_plan(cfg: UnlearnConfig | None) -> None:
         show_error(err, "plan the memory")
         return
     if plans[0].fits is False:
+        simu = "choose SIMU (its optimiser state covers only the selected neurons), " if cfg.method != "simu" else ""
         st.warning(
             f"This run needs about {size_text(plans[0].total)} but {plans[0].device} has "
             f"{size_text(plans[0].available or 0)} free, so it would stop before training with 'not enough "
-            "memory'. Lower the batch sizes, choose SIMU (its optimiser state covers only the selected neurons), "
-            "or free memory."
+            f"memory'. Lower the batch sizes, {simu}or free memory."
         )
     with st.expander("Memory plan: this run vs the comparison method, per device"):
         rows = {part: [size_text(getattr(p, part)) for p in plans] for part in PARTS}
