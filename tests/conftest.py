@@ -80,3 +80,20 @@ def converted(tiny_gguf, tmp_path_factory):
     from simu_core.pretrained import convert_gguf
 
     return convert_gguf(tiny_gguf[0], root=tmp_path_factory.mktemp("models"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing browser test leaves what its page showed (visible text and a screenshot) in artifacts/, for CI."""
+    report = yield
+    page = item.funcargs.get("page") if hasattr(item, "funcargs") else None
+    if report.failed and call.when == "call" and page is not None and hasattr(page, "screenshot"):
+        out = Path(__file__).resolve().parents[1] / "artifacts" / "failures"
+        out.mkdir(parents=True, exist_ok=True)
+        name = item.name.replace("/", "_")
+        try:
+            (out / f"{name}.txt").write_text(page.inner_text("body", timeout=5_000), encoding="utf-8")
+            page.screenshot(path=str(out / f"{name}.png"))
+        except Exception as err:  # the page may be gone: the report matters more than the evidence
+            (out / f"{name}.txt").write_text(f"could not read the page: {err}", encoding="utf-8")
+    return report
