@@ -214,9 +214,9 @@ def plan(
     bytes of the device, for `fits`. `processes`: processes the run is spread over (`--processes N`,
     data parallel: each with 1/N of the batch rows and everything else whole; default `shards`).
     `shards`: processes the run is sharded over (`--processes N --shard`, FSDP; 1 or `processes`),
-    each with 1/N of the batch rows and 1/N of the float32 working copy, plus the weights FSDP gathers while it computes (the root's, i.e. embeddings and head, all
-    along, and two decoder blocks at a time: one computing, one prefetched); the loaded base model
-    stays whole. What FSDP trains (every tensor of a whole-tensor method, SIMU's attention when it
+    each with 1/N of the batch rows and 1/N of the float32 working copy, plus the weights FSDP gathers
+    while it computes (the root's, i.e. embeddings and head, all along, and two decoder blocks at a
+    time: one computing, one prefetched); the loaded base model stays whole. What FSDP trains (every tensor of a whole-tensor method, SIMU's attention when it
     trains) has 1/N of its gradients, optimiser state and curvature per process, plus, while a unit's
     gradient is reduced, its unsharded gradient and the reduce-scatter's flat copy (two more of the
     largest such unit). SIMU's neuron slices train through compact leaves that every process holds
@@ -309,17 +309,23 @@ def longest_row(loaded, *datasets, limit: int = 500) -> int:
     return longest
 
 
+def batch_rows(config: UnlearnConfig, forget_items: int, retain_items: int) -> UnlearnConfig:
+    """`config` with the rows its batches will have: at most the examples there are (`retain_items` 0:
+    no retain set, so no retain rows; `plan` counts them when `retain` names a set)."""
+    return replace(config, batch_size=min(config.batch_size, forget_items),
+                   retain_batch_size=max(1, min(config.retain_batch_size, retain_items)),
+                   retain=(config.retain or "given") if retain_items else "")  # fmt: skip
+
+
 def run_plans(
     loaded, forget, retain, config: UnlearnConfig, neurons: int | None, device: str | None
 ) -> list[MemoryPlan]:
     """This run's plan and the comparison method's (SOUL for SIMU-like runs, else SIMU), on the device
-    `device` names, with the batches as they will be (at most the items there are)."""
-    import dataclasses
-
-    rows = {"batch_size": min(config.batch_size, len(forget.items)),
-            "retain_batch_size": min(config.retain_batch_size, len(retain.items)) if retain else 1}  # fmt: skip
+    `device` names, with the batches as they will be (`batch_rows`)."""
+    this = batch_rows(config, len(forget.items), len(retain.items) if retain else 0)
     other = "so_graddiff" if config.method != "so_graddiff" else "simu"
-    configs = [dataclasses.replace(config, **rows), preset_config(other, **rows, retain=config.retain)]
+    configs = [this, preset_config(other, batch_size=this.batch_size, retain_batch_size=this.retain_batch_size,
+                                   retain=this.retain)]  # fmt: skip
     name, free = device_memory(device)
     return compare(shape_of(loaded.model), configs, longest_row(loaded, forget, retain), neurons=neurons,
                    base_dtype=dtype_name(loaded.model), device=name.split(" ")[0], available=free)  # fmt: skip

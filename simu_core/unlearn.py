@@ -476,12 +476,9 @@ def _check_memory(
     """The run's planned peak bytes per process (`memory.plan`, on the whole working copy); SimuError
     naming the size when that is more than `device` has free or `config.max_memory_gb`. `items`: the
     forget and retain examples there are (0: no retain set); a batch has at most that many rows."""
-    forget_rows, retain_rows = min(config.batch_size, items[0]), min(config.retain_batch_size, items[1])
-    rows = dataclasses.replace(config, batch_size=forget_rows, retain_batch_size=max(1, retain_rows),
-                               retain=(config.retain or "given") if retain_rows else "")  # fmt: skip
-    planned = memory.plan(memory.shape_of(work), rows, length, neurons=mask.total() if mask is not None else 0,
-                          base_dtype=memory.dtype_name(base.model), device=device.type,
-                          shards=group.world if sharded else 1, processes=group.world)  # fmt: skip
+    planned = memory.plan(memory.shape_of(work), memory.batch_rows(config, *items), length,
+                          neurons=mask.total() if mask is not None else 0, base_dtype=memory.dtype_name(base.model),
+                          device=device.type, shards=group.world if sharded else 1, processes=group.world)  # fmt: skip
     memory.check_fits(planned.total, memory.free_bytes(device), device, config.max_memory_gb)
     return planned.total
 
